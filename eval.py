@@ -9,9 +9,11 @@ import unicodedata
 from collections import Counter
 
 
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
 def normalize_answer(s: str) -> str:
-    s = unicodedata.normalize("NFKC", s).lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = unicodedata.normalize("NFKC", s).lower().translate(_PUNCT)
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     return " ".join(s.split())
 
@@ -37,3 +39,116 @@ def f1_score(prediction: str | None, golden_answers: list[str]) -> float:
         prec, rec = common / len(p_toks), common / len(g_toks)
         best = max(best, 2 * prec * rec / (prec + rec))
     return best
+
+
+def readable(t, golden_answers: list[str], tok) -> dict:
+    """One trajectory as a student would want to read it."""
+    return {"id": t.qid, "question": t.question, "golden_answers": golden_answers, "answer": t.answer,
+            "em": exact_match(t.answer, golden_answers), "f1": f1_score(t.answer, golden_answers),
+            "searches": [{"query": q, "results": o} for q, o in zip(t.queries, t.observations)],
+            "turns": t.turns, "generated_tokens": t.n_generated, "finished": t.finished,
+            "truncated": t.truncated, "invalid_actions": t.invalid_actions,
+            "response": tok.decode(t.token_ids[t.prompt_len:])}
+
+
+def evaluate(model, tok, questions: list[dict], retriever, mode: str = "agent", cfg=None, desc=None):
+    """Greedy rollouts of one mode over questions -> (metrics dict, readable records)."""
+    import dataclasses
+    import time
+
+    from tqdm import tqdm
+
+    from rollout import RolloutConfig, rollout
+    cfg = dataclasses.replace(cfg or RolloutConfig(), mode=mode, group_size=1, temperature=0.0)
+    t0 = time.time()
+    with tqdm(total=len(questions), desc=desc or mode, unit="q", leave=False, disable=None) as bar:
+        trajs = rollout(model, tok, questions, retriever, cfg, progress=bar)
+    seconds = time.time() - t0
+    records = [readable(t, q["golden_answers"], tok) for t, q in zip(trajs, questions)]
+    n = len(records)
+    metrics = {"n": n, "em": sum(r["em"] for r in records) / n, "f1": sum(r["f1"] for r in records) / n,
+               "searches_per_q": sum(len(t.queries) for t in trajs) / n,
+               "gen_tokens_per_q": sum(t.n_generated for t in trajs) / n,
+               "answered": sum(t.answer is not None for t in trajs) / n,
+               "invalid_actions": sum(t.invalid_actions for t in trajs), "truncated": sum(t.truncated for t in trajs),
+               "seconds": round(seconds, 1)}
+    return metrics, records
+
+
+def rule_agent(questions: list[dict], retriever) -> tuple[dict, list[dict]]:
+    """The no-model baseline: search the raw question, answer the top document's title."""
+    import time
+    t0 = time.time()
+    results = retriever.search([q["question"] for q in questions], 1)
+    answers = [r[0].title if r else None for r in results]
+    records = [{"id": q["id"], "question": q["question"], "golden_answers": q["golden_answers"], "answer": a,
+                "em": exact_match(a, q["golden_answers"]), "f1": f1_score(a, q["golden_answers"])}
+               for q, a in zip(questions, answers)]
+    n = len(records)
+    return {"n": n, "em": sum(r["em"] for r in records) / n, "f1": sum(r["f1"] for r in records) / n,
+            "searches_per_q": 1.0, "gen_tokens_per_q": 0.0, "seconds": round(time.time() - t0, 1)}, records
+
+
+def print_table(results: dict[str, dict], title: str = "") -> None:
+    print(f"\n{title}\n{'mode':<8} {'EM':>6} {'F1':>6} {'search/q':>9} {'gen tok/q':>10} {'seconds':>8}")
+    for mode, m in results.items():
+        print(f"{mode:<8} {m['em']:>6.3f} {m['f1']:>6.3f} {m['searches_per_q']:>9.2f} "
+              f"{m['gen_tokens_per_q']:>10.1f} {m['seconds']:>8.1f}")
+
+
+def main(argv=None):
+    import argparse
+    import json
+    from pathlib import Path
+
+    from data.prepare import QUESTIONS_DIR, ensure_all, load_qa
+    from model import EMBEDDED, load_policy
+    from rollout import RolloutConfig
+    from search import get_retriever
+
+    p = argparse.ArgumentParser(description="Evaluate a policy on a FlashRAG-format QA file "
+                                            "({id, question, golden_answers} jsonl) in several modes.")
+    p.add_argument("--model", default=EMBEDDED, help="hub id, HF folder (e.g. a round_<r> checkpoint) or 'smollm2'")
+    p.add_argument("--data", default=None, help="QA jsonl; default: the project's held-out test split")
+    p.add_argument("--limit", type=int, default=None, help="first N questions only")
+    p.add_argument("--modes", default="rule,direct,rag,agent", help="comma list of rule, direct, rag, agent")
+    p.add_argument("--corpus", default=None, help="corpus jsonl {id, contents} for local BM25")
+    p.add_argument("--retriever_url", default=None, help="Search-R1 /retrieve endpoint instead of local BM25")
+    p.add_argument("--out_dir", default=None, help="where trajectories go; default runs/eval_<data name>")
+    p.add_argument("--max_turns", type=int, default=RolloutConfig.max_turns)
+    p.add_argument("--batch_size", type=int, default=RolloutConfig.batch_size)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    args = p.parse_args(argv)
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("rule", "direct", "rag", "agent")]
+    if bad:
+        p.error(f"unknown mode(s) {bad}: choose from rule, direct, rag, agent")
+    if args.data is None or (args.corpus is None and args.retriever_url is None):
+        ensure_all()
+    data = Path(args.data or QUESTIONS_DIR / "test.jsonl")
+    questions = load_qa(data, limit=args.limit)
+    retriever = get_retriever(args.corpus, args.retriever_url)
+    out_dir = Path(args.out_dir or Path("runs") / f"eval_{data.stem}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = tok = None
+    if set(modes) - {"rule"}:
+        model, tok = load_policy(args.model, device=args.device, dtype=args.dtype)
+    cfg = RolloutConfig(max_turns=args.max_turns, batch_size=args.batch_size)
+    results = {}
+    for mode in modes:
+        if mode == "rule":
+            results[mode], records = rule_agent(questions, retriever)
+        else:
+            results[mode], records = evaluate(model, tok, questions, retriever, mode, cfg)
+        with open(out_dir / f"{mode}.jsonl", "w") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    print_table(results, f"{args.model} on {data} (n={len(questions)}); trajectories in {out_dir}/")
+    print(json.dumps(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

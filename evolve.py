@@ -1,0 +1,280 @@
+"""Search-E1's self-evolution loop: python evolve.py [--key=value ...]
+
+Read top to bottom, this is the paper's Algorithm: rounds of vanilla GRPO alternate with
+self-distillation, and the only signal is exact match against the training questions' answers.
+
+    warm-up (only when the policy cannot follow the protocol; this project's addition, see below)
+    for round r = 1..R:
+        GRPO: grpo_steps steps of G rollouts per question, EM reward, PPO-clip     (grpo.py)
+        rollouts on the round's own training questions, EM reward                 (rollout.py, eval.py)
+        self-distillation on them: ofsd (paper) or sft on kept traces             (distill.py)
+        evaluate dev/test, save out_dir/round_r (a plain HF folder), log metrics.jsonl
+
+Warm-up (not in the paper, whose 3B models follow the protocol zero-shot): SmolLM2-135M never emits a
+valid <search>, so every reward would be 0 and nothing could be learned. When the base policy's reward
+on a probe of training questions is 0, it is cloned on scripted traces built from *training* questions
+only: search the article names the question is about, read the real BM25 results, answer with the
+training answer. Dev and test answers are never seen. round_0 is the post-warm-up checkpoint, so the
+table shows what self-evolution adds beyond it.
+
+CPU precision: the trainable policy keeps fp32 weights (updates of 1e-5 vanish in bf16) and trains
+under bf16 autocast; rollouts run on a bf16 copy (the "actor"), re-synced after every update.
+"""
+import copy
+import dataclasses
+import json
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data.prepare import QUESTIONS_DIR, ensure_all, load_qa
+from distill import DistillConfig, distill
+from eval import evaluate, exact_match
+from grpo import GRPOConfig, grpo_step
+from model import EMBEDDED, load_policy, save_policy
+from rollout import RolloutConfig, Trajectory, build_prompt, rollout, safe_search
+from search import get_retriever
+
+
+@dataclass
+class Config:
+    model: str = EMBEDDED
+    out_dir: str = "runs/evolve"
+    seed: int = 0
+    corpus: str = ""              # jsonl {id, contents}; "" = the embedded Wikipedia subset
+    retriever_url: str = ""       # Search-R1 /retrieve endpoint instead of local BM25
+    device: str = ""              # "" = cuda if present, else cpu
+    rollout_dtype: str = "bfloat16"  # the actor's dtype (see docstring); "float32" to roll out in fp32
+    # warm-up
+    warmup: str = "auto"          # auto (when the probe's reward is 0) | on | off
+    warmup_questions: int = 160
+    warmup_lr: float = 2e-4
+    # rounds
+    rounds: int = 3
+    grpo_steps: int = 2           # GRPO steps per round (0 = self-distillation only)
+    grpo_questions: int = 8       # questions per GRPO step
+    group_size: int = 5           # G: Search-R1 / Search-E1 use 5
+    grpo_lr: float = 1e-5         # the paper's 1e-6 is for 3B; a 135M model on a few steps needs more
+    kl_coef: float = 0.001
+    distill: str = "ofsd"         # ofsd (paper) | sft (kept traces) | none (GRPO only)
+    distill_questions: int = 16   # training questions rolled out for self-distillation per round
+    distill_lr: float = 2e-5
+    # rollouts and evaluation
+    max_turns: int = 4
+    topk: int = 3
+    max_turn_tokens: int = 96
+    max_obs_tokens: int = 256
+    max_total_tokens: int = 640
+    temperature: float = 1.0
+    batch_size: int = 40
+    eval_questions: int = 100     # first N of dev and of test, greedy
+    show: int = 2                 # sample trajectories printed per round
+
+
+def parse_config(argv: list[str]) -> Config:
+    cfg, fields = Config(), {f.name: f for f in dataclasses.fields(Config)}
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq or key not in fields:
+            sys.exit(f"bad argument {arg!r}: use --key=value with a key from:\n  " + ", ".join(fields))
+        kind = type(getattr(cfg, key))
+        try:
+            setattr(cfg, key, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
+        except ValueError:
+            sys.exit(f"--{key} needs a {kind.__name__}, got {value!r}")
+    checks = [(cfg.group_size >= 2 or cfg.grpo_steps == 0, "GRPO needs group_size >= 2"),
+              (cfg.distill in ("ofsd", "sft", "none"), "distill is ofsd, sft or none"),
+              (cfg.warmup in ("auto", "on", "off"), "warmup is auto, on or off"),
+              (cfg.rounds >= 0 and cfg.max_turns >= 1, "rounds >= 0 and max_turns >= 1")]
+    for ok, msg in checks:
+        if not ok:
+            sys.exit(f"invalid config: {msg}")
+    return cfg
+
+
+def rollout_cfg(cfg: Config, **kw) -> RolloutConfig:
+    keys = ("max_turns", "topk", "max_turn_tokens", "max_obs_tokens", "max_total_tokens", "temperature",
+            "batch_size")
+    return RolloutConfig(**{k: getattr(cfg, k) for k in keys}, **kw)
+
+
+def reward(trajs: list[Trajectory], gold: dict[str, list[str]]) -> float:
+    """Exact match, and nothing else: the paper's point."""
+    for t in trajs:
+        t.reward = exact_match(t.answer, gold[t.qid])
+    return sum(t.reward for t in trajs) / max(len(trajs), 1)
+
+
+def scripted_traces(tok, questions: list[dict], retriever, rcfg: RolloutConfig) -> list[Trajectory]:
+    """Warm-up traces, tokenized exactly as rollout.py would have produced them. Training questions only."""
+    enc = lambda s: tok(s, add_special_tokens=False).input_ids
+    traces = []
+    for q in questions:
+        queries = q.get("ideal_queries") or [q["question"]]
+        t = Trajectory(q["id"], q["question"], enc(build_prompt(tok, q["question"])), [], 0, reward=1.0)
+        t.prompt_len, t.loss_mask = len(t.token_ids), [0] * len(t.token_ids)
+        seen = ""
+        for i, query in enumerate(queries):
+            think = "I need to search for" if i == 0 else "Now I need to search for"
+            docs = safe_search(retriever, [query], rcfg.topk)[0]
+            obs = enc(f"\n\n<information>{docs.strip()}</information>\n\n")[:rcfg.max_obs_tokens]
+            seen += tok.decode(obs)
+            for ids, m in ((enc(f"<think> {think} {query}. </think>\n<search> {query} </search>"), 1), (obs, 0)):
+                t.token_ids += ids; t.loss_mask += [m] * len(ids)
+            t.queries.append(query)
+        answer = q["golden_answers"][0]
+        if exact_match(answer, [answer]) and answer.lower() in seen.lower():  # only clone answers it can read
+            ids = enc(f"<think> The documents give the answer. </think>\n<answer> {answer} </answer>")
+            t.token_ids += ids; t.loss_mask += [1] * len(ids)
+            t.answer, t.finished, t.n_generated = answer, True, sum(t.loss_mask)
+            traces.append(t)
+    return traces
+
+
+def sample_trajectories(cfg, actor, tok, questions, retriever, seed, desc):
+    from tqdm import tqdm
+    with tqdm(total=len(questions) * cfg.group_size, desc=desc, unit="traj", leave=False, disable=None) as bar:
+        return rollout(actor, tok, questions, retriever,
+                       rollout_cfg(cfg, group_size=cfg.group_size, seed=seed), progress=bar)
+
+
+def evaluate_round(cfg, actor, tok, dev, test, retriever) -> dict:
+    rc = rollout_cfg(cfg)
+    m_dev, _ = evaluate(actor, tok, dev, retriever, "agent", rc, desc="eval dev")
+    m_test, records = evaluate(actor, tok, test, retriever, "agent", rc, desc="eval test")
+    return {"dev_em": m_dev["em"], "test_em": m_test["em"], "test_f1": m_test["f1"],
+            "searches_per_q": m_test["searches_per_q"], "gen_tokens_per_q": m_test["gen_tokens_per_q"],
+            "invalid_actions": m_test["invalid_actions"], "truncated": m_test["truncated"]}, records
+
+
+def save_round(policy, tok, out: Path, r: int, metrics: dict):
+    """Atomic: write into a temp folder, then rename, so a half-written round is never loaded."""
+    final, tmp = out / f"round_{r}", out / f".round_{r}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_policy(policy, tok, tmp)
+    (tmp / "metrics.json").write_text(json.dumps(metrics))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    plot(out)
+
+
+def plot(out: Path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("matplotlib not installed: no em_by_round.png", file=sys.stderr)
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key in ("dev_em", "test_em"):
+        ax.plot([m["round"] for m in rows], [m[key] for m in rows], marker="o", label=key)
+    ax.set_xlabel("round (0 = after warm-up)"); ax.set_ylabel("exact match"); ax.legend(); ax.grid(alpha=.3)
+    fig.tight_layout(); fig.savefig(out / "em_by_round.png", dpi=120); plt.close(fig)
+
+
+def show(tok, trajs, n):
+    for t in trajs[:n]:
+        print(f"  Q: {t.question}\n  -> queries {t.queries} answer {t.answer!r} reward {t.reward}")
+
+
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    print("config:", json.dumps(dataclasses.asdict(cfg)))
+    t_start = time.time()
+    ensure_all()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    retriever = get_retriever(cfg.corpus or None, cfg.retriever_url or None)
+    splits = {s: load_qa(QUESTIONS_DIR / f"{s}.jsonl") for s in ("train", "dev", "test")}
+    gold = {q["id"]: q["golden_answers"] for q in splits["train"]}
+    dev, test = splits["dev"][:cfg.eval_questions], splits["test"][:cfg.eval_questions]
+    train = list(splits["train"])
+    random.Random(cfg.seed).shuffle(train)  # a fixed order: round r always sees the same questions
+
+    done = sorted(int(p.name.split("_")[1]) for p in out.glob("round_*") if (p / "metrics.json").exists())
+    start = done[-1] if done else None
+    policy, tok = load_policy(str(out / f"round_{start}") if done else cfg.model, cfg.device or None, "float32")
+    policy.train()
+    actor = copy.deepcopy(policy).to(getattr(torch, cfg.rollout_dtype)).eval()
+    sync = lambda: actor.load_state_dict(policy.state_dict())
+    cursor = len(splits["train"]) // 4  # the warm-up uses train[:cursor]; rounds draw from the rest
+
+    if start is None:  # round 0: warm-up if needed, then the baseline every later round is compared with
+        t0 = time.time()
+        probe = sample_trajectories(cfg, actor, tok, train[cursor:cursor + 8], retriever, cfg.seed, "probe")
+        probe_reward = reward(probe, gold)
+        warm = cfg.warmup == "on" or (cfg.warmup == "auto" and probe_reward == 0)
+        print(f"probe reward {probe_reward:.3f} on 8 training questions -> warm-up {'on' if warm else 'off'}")
+        n_warm = 0
+        if warm:
+            traces = scripted_traces(tok, train[:cfg.warmup_questions], retriever, rollout_cfg(cfg))
+            n_warm = len(traces)
+            stats = distill(policy, tok, traces, DistillConfig(method="sft", lr=cfg.warmup_lr, per_question_cap=1,
+                                                                  seed=cfg.seed))
+            print(f"warm-up: cloned {n_warm} scripted traces, loss {stats['loss']:.3f}")
+            sync()
+        metrics, _ = evaluate_round(cfg, actor, tok, dev, test, retriever)
+        metrics = {"round": 0, **metrics, "reward_mean": probe_reward, "kept": n_warm, "warmup": warm,
+                   "seconds": round(time.time() - t0, 1)}
+        save_round(policy, tok, out, 0, metrics)
+        print("round 0:", json.dumps(metrics))
+        start = 0
+
+    ref = copy.deepcopy(actor).eval() if cfg.kl_coef > 0 and cfg.grpo_steps > 0 else None  # frozen, bf16
+    per_round = cfg.grpo_steps * cfg.grpo_questions + cfg.distill_questions
+    for r in range(start + 1, cfg.rounds + 1):
+        t0 = time.time()
+        torch.manual_seed(cfg.seed * 1000 + r)
+        lo = cursor + (r - 1) * per_round
+        pool = [train[(lo + i) % len(train)] for i in range(per_round)]  # wraps around on long runs
+        # 1) vanilla GRPO
+        gcfg = GRPOConfig(lr=cfg.grpo_lr, kl_coef=cfg.kl_coef, seed=cfg.seed + r)
+        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.grpo_lr, weight_decay=0.0)
+        g_rewards, zero_groups = [], 0
+        for s in range(cfg.grpo_steps):
+            qs = pool[s * cfg.grpo_questions:(s + 1) * cfg.grpo_questions]
+            trajs = sample_trajectories(cfg, actor, tok, qs, retriever, cfg.seed + 100 * r + s, f"r{r} grpo {s + 1}")
+            g_rewards.append(reward(trajs, gold))
+            stats = grpo_step(policy, ref, opt, trajs, gcfg, tok.pad_token_id)
+            zero_groups += stats["n_zero_groups"]
+            sync()
+        # 2) the policy rolls out on its own training questions, then self-distils
+        qs = pool[cfg.grpo_steps * cfg.grpo_questions:]
+        kept = 0
+        d_reward = float("nan")
+        if cfg.distill != "none" and qs:
+            trajs = sample_trajectories(cfg, actor, tok, qs, retriever, cfg.seed + 100 * r + 99, f"r{r} rollouts")
+            d_reward = reward(trajs, gold)
+            dstats = distill(policy, tok, trajs, DistillConfig(method=cfg.distill, lr=cfg.distill_lr, seed=cfg.seed + r))
+            kept = dstats.get("n_pairs", dstats.get("n_kept", 0))
+            sync()
+            show(tok, trajs[::cfg.group_size], cfg.show)
+        # 3) evaluate and checkpoint
+        metrics, records = evaluate_round(cfg, actor, tok, dev, test, retriever)
+        all_rewards = g_rewards + ([d_reward] if d_reward == d_reward else [])
+        metrics = {"round": r, **metrics, "reward_mean": sum(all_rewards) / max(len(all_rewards), 1),
+                   "grpo_reward": g_rewards, "zero_adv_groups": zero_groups, "distill_reward": d_reward,
+                   "kept": kept, "seconds": round(time.time() - t0, 1)}
+        save_round(policy, tok, out, r, metrics)
+        print(f"round {r}: dev EM {metrics['dev_em']:.3f} test EM {metrics['test_em']:.3f} "
+              f"reward {metrics['reward_mean']:.3f} kept {kept} searches/q {metrics['searches_per_q']:.2f} "
+              f"({metrics['seconds']:.0f} s)")
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    print(f"\n{'round':>5} {'dev EM':>7} {'test EM':>8} {'reward':>7} {'kept':>5} {'search/q':>8} {'s':>6}")
+    for m in rows:
+        print(f"{m['round']:>5} {m['dev_em']:>7.3f} {m['test_em']:>8.3f} {m['reward_mean']:>7.3f} "
+              f"{m['kept']:>5} {m['searches_per_q']:>8.2f} {m['seconds']:>6.0f}")
+    print(f"total {time.time() - t_start:.0f} s; checkpoints and metrics.jsonl in {out}/")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""eval.py: SQuAD/FlashRAG exact match and F1, the CLI's table and trajectories, and its errors."""
+import json
+
+import pytest
+
+from eval import exact_match, f1_score, main, normalize_answer
+
+
+def test_normalisation_lowercases_strips_punctuation_and_articles():
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert normalize_answer("An apple, a day") == "apple day"
+    assert normalize_answer("theory") == "theory"  # 'the' only as a whole word
+
+
+def test_exact_match_takes_any_gold_answer():
+    assert exact_match("the Beatles", ["Beatles", "The Fab Four"]) == 1.0
+    assert exact_match("Paris, France", ["Paris"]) == 0.0
+    assert exact_match(None, ["Paris"]) == 0.0
+
+
+def test_unicode_is_normalised_before_matching():
+    assert exact_match("Göbekli Tepe", ["göbekli tepe"]) == 1.0
+    assert exact_match("ﬁve", ["five"]) == 1.0  # NFKC folds the ligature
+
+
+def test_f1_is_token_overlap_max_over_gold():
+    assert f1_score("Stanley Kubrick", ["Kubrick"]) == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert f1_score("the cat sat", ["a dog", "cat sat down"]) == pytest.approx(2 * 1 * (2 / 3) / (1 + 2 / 3))
+    assert f1_score("nothing", ["else"]) == 0.0 and f1_score(None, ["x"]) == 0.0
+
+
+def test_cli_prints_the_table_writes_readable_trajectories_and_ends_with_json(tmp_path, capsys):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "question": "In what year was Ada Lovelace born?", "golden_answers": ["1815"]},
+        {"id": "b", "question": "What is the capital of Peru?", "golden_answers": ["Lima"]}]) + "\n")
+    results = main(["--data", str(data), "--modes", "rule,direct", "--out_dir", str(tmp_path / "run")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == results
+    for mode in ("rule", "direct"):
+        assert {"em", "f1", "n", "searches_per_q"} <= set(results[mode]) and results[mode]["n"] == 2
+        rec = json.loads((tmp_path / "run" / f"{mode}.jsonl").read_text().splitlines()[0])
+        assert {"question", "answer", "golden_answers", "em"} <= set(rec)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"id": "a", "question": "q?"}\n', "golden_answers"),
+    ('{"id": "a", "question": "q?", "golden_answers": ["x"]}\nnot json\n', ":2"),
+    ("", "empty"),
+])
+def test_cli_rejects_bad_data_naming_the_file_and_line(tmp_path, content, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        main(["--data", str(data), "--modes", "rule", "--out_dir", str(tmp_path / "run")])

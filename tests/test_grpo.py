@@ -1,0 +1,127 @@
+"""grpo.py: group advantages, which tokens and groups are trained, and that one step moves the right way.
+Trajectories are built by hand (prompt + think/search/<information>/answer), not rolled out."""
+import copy
+import math
+
+import pytest
+import torch
+
+from grpo import GRPOConfig, group_advantages, grpo_step, pack, response_logits
+from rollout import Trajectory, build_prompt
+
+TURN1 = "<think> I need to look it up. </think>\n<search> capital of france </search>"
+OBS = "\n\n<information>Doc 1 (Paris): Paris is the capital of France.</information>\n\n"
+
+
+def make_traj(tok, qid, answer, reward, question="What is the capital of France?"):
+    prompt = tok(build_prompt(tok, question), add_special_tokens=False).input_ids
+    parts = [(TURN1, 1), (OBS, 0), (f"<think> ok </think>\n<answer> {answer} </answer>", 1)]
+    ids, mask = list(prompt), [0] * len(prompt)
+    for text, m in parts:
+        part = tok(text, add_special_tokens=False).input_ids
+        ids += part
+        mask += [m] * len(part)
+    return Trajectory(qid, question, ids, mask, len(prompt), queries=["capital of france"], answer=answer,
+                      n_generated=sum(mask), finished=True, reward=reward)
+
+
+def batch(tok, rewards_per_q):
+    return [make_traj(tok, f"q{n}", f"ans {g}", r) for n, rs in enumerate(rewards_per_q) for g, r in enumerate(rs)]
+
+
+def seq_logp(model, tok, t):
+    """Sum of log-probs of the trajectory's policy-generated tokens (fp32, no autocast)."""
+    ids, attn, mask = pack([t.token_ids[:t.prompt_len]], [t.token_ids[t.prompt_len:]],
+                           [t.loss_mask[t.prompt_len:]], tok.pad_token_id)
+    R = mask.shape[1]
+    with torch.no_grad():
+        lp = response_logits(model, ids, attn, R).float().log_softmax(-1).gather(-1, ids[:, -R:, None])[..., 0]
+    return float((lp * mask).sum())
+
+
+def test_group_advantage_hand_example_uses_unbiased_std():
+    adv = group_advantages(torch.tensor([[1.0, 0, 0, 1], [1, 1, 1, 1]]))
+    c = 0.5 / (math.sqrt(1 / 3) + 1e-6)  # mean 0.5, unbiased std sqrt(4 * 0.25 / 3)
+    torch.testing.assert_close(adv, torch.tensor([[c, -c, -c, c], [0.0, 0, 0, 0]]))
+    assert (adv[1] == 0).all()  # exactly, not approximately
+    assert (group_advantages(torch.tensor([[0.3, 0.3, 0.3]])) == 0).all()
+    assert (group_advantages(torch.tensor([[1.0], [0.0]])) == 0).all()  # G == 1: no signal
+
+
+def test_all_equal_groups_are_counted_and_never_forwarded(tok, tiny):
+    policy = copy.deepcopy(tiny)
+    calls = []
+    policy.register_forward_hook(lambda *a: calls.append(1))
+    trajs = batch(tok, [[1, 1], [0, 0]])
+    before = [p.clone() for p in policy.parameters()]
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    stats = grpo_step(policy, None, opt, trajs, GRPOConfig(kl_coef=0), tok.pad_token_id)
+    assert stats["n_groups"] == 2 and stats["n_zero_groups"] == 2 and stats["steps"] == 0
+    assert stats["tokens"] == 0 and calls == []
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    # a mixed group next to an all-equal one: only the mixed group's tokens are trained
+    trajs = batch(tok, [[1, 0], [1, 1]])
+    stats = grpo_step(policy, None, opt, trajs, GRPOConfig(kl_coef=0, micro_batch=8), tok.pad_token_id)
+    assert stats["n_zero_groups"] == 1 and stats["n_trained"] == 2 and stats["steps"] == 1
+    assert stats["tokens"] == sum(trajs[0].loss_mask) + sum(trajs[1].loss_mask)
+    assert len(calls) == 1  # one forward of the two active rows: no separate old-log-prob pass with ppo_epochs=1
+
+
+def test_masked_tokens_get_zero_gradient_on_their_logits(tok, tiny):
+    """d loss / d logits is exactly 0 at every position whose target token is not the policy's own
+    (<information> tokens, padding), and non-zero where it is."""
+    policy, ref = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    kept = []
+
+    def keep_logits(module, inputs, out):
+        out.retain_grad()
+        kept.append(out)
+    policy.get_output_embeddings().register_forward_hook(keep_logits)
+    trajs = batch(tok, [[1, 0]])
+    trajs[1].token_ids += trajs[1].token_ids[-3:]; trajs[1].loss_mask += [1, 1, 1]  # rows of different lengths
+    opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+    cfg = GRPOConfig(kl_coef=0.1, autocast_bf16=False, micro_batch=8)
+    grpo_step(policy, ref, opt, trajs, cfg, tok.pad_token_id)
+    [logits] = kept
+    _, _, mask = pack([t.token_ids[:t.prompt_len] for t in trajs], [t.token_ids[t.prompt_len:] for t in trajs],
+                      [t.loss_mask[t.prompt_len:] for t in trajs], tok.pad_token_id)
+    grad = logits.grad[:, :-1].abs().sum(-1)  # (B, R): the position predicting response token j
+    assert mask.shape == grad.shape and (mask == 0).any()
+    assert (grad[mask == 0] == 0).all()
+    assert (grad[mask == 1] > 0).all()
+
+
+def test_one_step_with_positive_advantage_raises_that_trajectory_logprob(tok, tiny):
+    policy = copy.deepcopy(tiny)
+    good, bad = batch(tok, [[1, 0]])
+    before = seq_logp(policy, tok, good), seq_logp(policy, tok, bad)
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    stats = grpo_step(policy, None, opt, [good, bad], GRPOConfig(kl_coef=0), tok.pad_token_id)
+    assert stats["steps"] == 1 and not stats["skipped"] and stats["clip_frac"] == 0  # ratio 1 at the first step
+    assert seq_logp(policy, tok, good) > before[0]
+    assert seq_logp(policy, tok, bad) < before[1]
+
+
+def test_k3_kl_is_zero_when_reference_equals_policy(tok, tiny):
+    policy, ref = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+    stats = grpo_step(policy, ref, opt, batch(tok, [[1, 0, 0]]), GRPOConfig(kl_coef=0.1), tok.pad_token_id)
+    assert abs(stats["kl"]) <= 1e-6 and stats["tokens"] > 0
+
+
+def test_ppo_epochs_and_minibatches_take_one_step_per_minibatch_and_clip(tok, tiny):
+    """ppo_epochs > 1 uses old log-probs frozen before the first update, so later steps see ratio != 1."""
+    policy = copy.deepcopy(tiny)
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    stats = grpo_step(policy, None, opt, batch(tok, [[1, 0, 0]]),
+                      GRPOConfig(kl_coef=0, ppo_epochs=2, minibatch=2, micro_batch=1), tok.pad_token_id)
+    assert stats["steps"] == 4 and math.isfinite(stats["loss"]) and stats["clip_frac"] > 0
+
+
+def test_nan_loss_skips_the_optimizer_step(tok, tiny):
+    policy = copy.deepcopy(tiny)
+    before = [p.clone() for p in policy.parameters()]
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    stats = grpo_step(policy, None, opt, batch(tok, [[float("nan"), 1.0]]), GRPOConfig(kl_coef=0), tok.pad_token_id)
+    assert stats["skipped"] and stats["steps"] == 0 and stats["n_skipped"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))

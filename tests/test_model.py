@@ -1,0 +1,60 @@
+"""model.py: loading, saving, prompts, sampling and log-probs; one test runs the real embedded model."""
+import torch
+
+import model as M
+
+
+def test_embedded_default_answers_the_paris_check_offline():
+    policy, tok = M.load_policy(M.EMBEDDED, device="cpu", dtype="float32")
+    ids = tok(M.chat_prompt(tok, "What is the capital of France? Answer briefly."), return_tensors="pt",
+              add_special_tokens=False).input_ids
+    out = policy.generate(ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_embedded_default_is_a_plain_safetensors_hf_folder():
+    folder = M.EMBEDDED_DIR
+    M.resolve(M.EMBEDDED)
+    assert (folder / "model.safetensors").exists() and (folder / "config.json").exists()
+    assert "quantization_config" not in (folder / "config.json").read_text()
+
+
+def test_chat_prompt_wraps_the_question_in_the_chat_template(tok):
+    text = M.chat_prompt(tok, "Question: who?")
+    assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
+    assert "Question: who?" in text
+
+
+def test_tiny_qwen2_and_llama_save_and_reload_identically(tmp_path, tok):
+    for arch in ("llama", "qwen2"):
+        m = M.tiny_model(arch, vocab_size=len(tok))
+        M.save_policy(m, tok, tmp_path / arch)
+        assert (tmp_path / arch / "model.safetensors").exists()
+        m2, tok2 = M.load_policy(str(tmp_path / arch), device="cpu", dtype="float32")
+        x = torch.randint(0, len(tok), (2, 9))
+        torch.testing.assert_close(m(input_ids=x).logits, m2(input_ids=x).logits)
+        assert tok2.pad_token_id is not None
+
+
+def test_token_logprobs_score_each_next_token_and_ignore_padding(tiny):
+    x = torch.randint(0, 500, (1, 6))
+    logp = M.token_logprobs(tiny, x)
+    ref = torch.log_softmax(tiny(input_ids=x).logits[0, :-1], -1)[torch.arange(5), x[0, 1:]]
+    torch.testing.assert_close(logp[0], ref)
+    ids, attn, _ = M.collate([x[0].tolist(), x[0, :3].tolist()], [[1] * 6, [1] * 3], pad_id=0)
+    batched = M.token_logprobs(tiny, ids, attn)  # right padding does not change the real tokens' scores
+    torch.testing.assert_close(batched[1, :2], ref[:2], atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_is_greedy_at_temperature_zero_and_respects_top_p():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0]])
+    assert M.sample(logits, temperature=0).tolist() == [1, 0]
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([M.sample(logits, 1.0, top_p=0.5, generator=g) for _ in range(50)])
+    assert (draws[:, 0] == 1).all() and (draws[:, 1] == 0).all()  # only the top token holds >= 50% mass
+
+
+def test_collate_right_pads_and_aligns_masks():
+    ids, attn, loss = M.collate([[5, 6, 7], [8]], [[0, 1, 1], [1]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert attn.tolist() == [[1, 1, 1], [1, 0, 0]] and loss.tolist() == [[0, 1, 1], [1, 0, 0]]
