@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from grpo import autocast, chunks, optimizer_step, pack, response_logits, split, token_logp
-from model import chat_prompt
+from grpo import autocast, chunks, optimizer_step, split
+from model import chat_prompt, pack, response_logits, token_logp
 from rollout import AGENT_PROMPT, Trajectory
 
 HINT_QUERIES = "\nA correct and efficient solution {how}: {answer}.\n"

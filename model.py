@@ -106,27 +106,32 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
     return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   return_logits: bool = False):
-    """log p(x_t | x_<t) for t >= 1, shape (B, T-1): entry t-1 scores token t.
-    With return_logits, also the (B, T-1, V) next-token logits (distillation needs the whole distribution)."""
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # right- or left-padded rows alike
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits[:, :-1]
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return (logp, logits) if return_logits else logp
-
-
-def collate(seqs: list[list[int]], masks: list[list[int]], pad_id: int, device=None):
-    """Right-pad token lists into (input_ids, attention_mask, loss_mask) tensors for training."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(seqs), T, dtype=torch.long)
-    loss = torch.zeros(len(seqs), T, dtype=torch.float)
-    for i, (s, m) in enumerate(zip(seqs, masks)):
-        ids[i, :len(s)], attn[i, :len(s)], loss[i, :len(m)] = torch.tensor(s), 1, torch.tensor(m, dtype=torch.float)
+def pack(prompts, responses, masks, pad_id: int, device=None):
+    """Left-pad prompts to a common length P, right-pad responses to R. Every response then starts at column
+    P, so (1) only its R positions need the vocabulary-sized LM head (logits_to_keep), and (2) a teacher and a
+    student whose prompts differ line up column by column (distill.py). Returns ids and attention mask
+    (B, P+R) and the response loss mask (B, R)."""
+    P, R, B = max(map(len, prompts)), max(map(len, responses)), len(prompts)
+    ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, P + R, dtype=torch.long)
+    loss = torch.zeros(B, R)
+    for i, (p, r, m) in enumerate(zip(prompts, responses, masks)):
+        ids[i, P - len(p):P + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
+        attn[i, P - len(p):P + len(r)] = 1
+        loss[i, :len(m)] = torch.tensor(m, dtype=torch.float)
     return ids.to(device), attn.to(device), loss.to(device)
+
+
+def response_logits(model, ids, attn, R: int) -> torch.Tensor:
+    """(B, R, V) logits of a packed batch; entry j predicts response token j (one position earlier)."""
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens: left pads don't shift them
+    return model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=R + 1).logits[:, :-1]
+
+
+def token_logp(logits, targets) -> torch.Tensor:
+    """log p(target) in fp32; gather - logsumexp saves no extra (B, R, V) tensor, unlike log_softmax."""
+    logits = logits.float()
+    return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def tiny_model(arch: str = "llama", vocab_size: int = 256, seed: int = 0):

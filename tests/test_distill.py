@@ -7,7 +7,8 @@ import torch
 
 from distill import (DistillConfig, distill, kept_traces, ofsd_loss, ofsd_pairs, privileged_hint,
                      select_sibling, sft_loss, teacher_prompt_ids)
-from grpo import pack, response_logits, split
+from grpo import split
+from model import pack, response_logits
 from rollout import Trajectory, build_prompt
 
 Q = "What is the capital of France?"

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from grpo import GRPOConfig, group_advantages, grpo_step, pack, response_logits
+from grpo import GRPOConfig, group_advantages, grpo_step
+from model import pack, response_logits
 from rollout import Trajectory, build_prompt
 
 TURN1 = "<think> I need to look it up. </think>\n<search> capital of france </search>"

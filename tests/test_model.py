@@ -36,14 +36,15 @@ def test_tiny_qwen2_and_llama_save_and_reload_identically(tmp_path, tok):
         assert tok2.pad_token_id is not None
 
 
-def test_token_logprobs_score_each_next_token_and_ignore_padding(tiny):
-    x = torch.randint(0, 500, (1, 6))
-    logp = M.token_logprobs(tiny, x)
-    ref = torch.log_softmax(tiny(input_ids=x).logits[0, :-1], -1)[torch.arange(5), x[0, 1:]]
-    torch.testing.assert_close(logp[0], ref)
-    ids, attn, _ = M.collate([x[0].tolist(), x[0, :3].tolist()], [[1] * 6, [1] * 3], pad_id=0)
-    batched = M.token_logprobs(tiny, ids, attn)  # right padding does not change the real tokens' scores
-    torch.testing.assert_close(batched[1, :2], ref[:2], atol=1e-5, rtol=1e-5)
+def test_packed_batches_score_each_response_token_as_an_unpadded_forward_would(tiny):
+    prompts, responses = [[5, 6, 7, 8], [9]], [[10, 11], [12, 13, 14]]
+    ids, attn, loss = M.pack(prompts, responses, [[1, 0], [1, 1, 1]], pad_id=0)
+    assert loss.tolist() == [[1, 0, 0], [1, 1, 1]]  # response masks are right-aligned with padding
+    logp = M.token_logp(M.response_logits(tiny, ids, attn, R=3), ids[:, -3:])
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        seq = torch.tensor([p + r])
+        ref = torch.log_softmax(tiny(input_ids=seq).logits[0, :-1], -1)[torch.arange(len(seq[0]) - 1), seq[0, 1:]]
+        torch.testing.assert_close(logp[i, :len(r)], ref[-len(r):], atol=1e-5, rtol=1e-5)
 
 
 def test_sampling_is_greedy_at_temperature_zero_and_respects_top_p():
@@ -52,9 +53,3 @@ def test_sampling_is_greedy_at_temperature_zero_and_respects_top_p():
     g = torch.Generator().manual_seed(0)
     draws = torch.stack([M.sample(logits, 1.0, top_p=0.5, generator=g) for _ in range(50)])
     assert (draws[:, 0] == 1).all() and (draws[:, 1] == 0).all()  # only the top token holds >= 50% mass
-
-
-def test_collate_right_pads_and_aligns_masks():
-    ids, attn, loss = M.collate([[5, 6, 7], [8]], [[0, 1, 1], [1]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert attn.tolist() == [[1, 1, 1], [1, 0, 0]] and loss.tolist() == [[0, 1, 1], [1, 0, 0]]
