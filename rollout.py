@@ -241,7 +241,7 @@ def _run_batch(model, tok, batch: list[Trajectory], retriever, cfg: RolloutConfi
             room = cfg.max_total_tokens - (len(t.token_ids) - t.prompt_len)
             ids = ids[:room - 8]  # leave the policy a few tokens to answer in
             t.token_ids += ids; t.loss_mask += [0] * len(ids)
-            chunks.append(ids)
+            chunks.append([turn[i][-1]] + ids)  # the turn's last sampled token is not in the cache yet
         rows = [rows[i] for i in keep]
         stepper.keep(keep)
         logits = stepper.feed(chunks)

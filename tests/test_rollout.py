@@ -126,3 +126,20 @@ def test_same_seed_gives_the_same_trajectories(tok, tiny):
 def test_last_tag_takes_the_last_closed_tag():
     assert last_tag("<answer> a </answer> x <answer>b</answer>", "answer") == "b"
     assert last_tag("<answer> unclosed", "answer") is None
+
+
+def test_every_policy_token_is_the_greedy_choice_given_its_full_recorded_prefix(tok):
+    """The cache must hold exactly what the trajectory records, across turns and observations."""
+    model = M.tiny_model("llama", vocab_size=len(tok), seed=2)
+    with torch.no_grad():  # sharper weights, so the argmax depends on context
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    cfg = RolloutConfig(temperature=0, max_turns=2, max_turn_tokens=8, max_total_tokens=200)
+    [t] = rollout(model, tok, [QUESTION], ScriptedRetriever(docs=[]), cfg)
+    ids = torch.tensor([t.token_ids])
+    with torch.no_grad():
+        greedy = model(input_ids=ids).logits[0, :-1].argmax(-1)
+    policy = [j for j, m in enumerate(t.loss_mask) if m]
+    assert t.turns >= 2 and policy
+    assert all(greedy[j - 1].item() == t.token_ids[j] for j in policy)
