@@ -3,8 +3,10 @@
 The reward in Search-E1 is exact match against the gold answers and nothing else: no format bonus.
 Normalisation follows SQuAD / FlashRAG: lowercase, strip punctuation, drop a/an/the, collapse spaces.
 """
+import dataclasses
 import re
 import string
+import time
 import unicodedata
 from collections import Counter
 
@@ -53,9 +55,6 @@ def readable(t, golden_answers: list[str], tok) -> dict:
 
 def evaluate(model, tok, questions: list[dict], retriever, mode: str = "agent", cfg=None, desc=None):
     """Greedy rollouts of one mode over questions -> (metrics dict, readable records)."""
-    import dataclasses
-    import time
-
     from tqdm import tqdm
 
     from rollout import RolloutConfig, rollout
@@ -77,7 +76,6 @@ def evaluate(model, tok, questions: list[dict], retriever, mode: str = "agent", 
 
 def rule_agent(questions: list[dict], retriever) -> tuple[dict, list[dict]]:
     """The no-model baseline: search the raw question, answer the top document's title."""
-    import time
     t0 = time.time()
     results = retriever.search([q["question"] for q in questions], 1)
     answers = [r[0].title if r else None for r in results]

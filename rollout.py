@@ -24,6 +24,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from model import chat_prompt, sample
+from search import format_docs
 
 # Search-R1's instruction, verbatim except for the question slot.
 AGENT_PROMPT = (
@@ -114,7 +115,6 @@ def build_prompt(tok, question: str, mode: str = "agent", docs: str = "") -> str
 
 def safe_search(retriever, queries: list[str], k: int) -> list[str]:
     """Rendered results per query; a retriever failure becomes an observation, never a crashed batch."""
-    from search import format_docs
     try:
         return [format_docs(docs) for docs in retriever.search(queries, k)]
     except Exception as e:  # noqa: BLE001 - any backend fault is reported to the agent as text
