@@ -7,21 +7,19 @@ writes <think>...</think>, then either <search> q </search> (we append the top-k
 or <answer> a </answer>. A Trajectory carries the token ids, a loss mask that is 1 exactly on the
 policy's own tokens, and what happened (queries, answer), so trainers use it as is.
 
-Why the decode loop is shaped as it is (CPU throughput; see bench.py):
-- one KV cache for the whole batch, kept across turns: an observation is appended to the cache, the
-  context is never re-encoded;
-- all rows advance together; a row that is waiting for its search results feeds a masked pad, so
-  rows are never re-packed mid-turn, and finished rows are dropped from the batch between turns;
-- "holes" (pads) in the middle of rows are masked out and positions count real tokens only, so a
-  row's logits are the same as if it had been run alone;
-- the cache grows in place (GrowingLayer) instead of torch.cat per step, which copies everything;
+Why the decode loop is shaped as it is (CPU throughput; see bench.py). A decode step of a 135M model costs
+~30 ms of fixed overhead plus ~1 ms per row, so what matters is keeping many rows busy on every step:
+- continuous batching: each trajectory owns a slot of one KV cache (SlotCache) with its own length, so a
+  slot that ends a turn is prefilled with its <information> while the others keep decoding, and a finished
+  slot takes the next trajectory at once; nobody waits for the slowest row of a turn or of a batch;
+- the context is never re-encoded: prompts and observations are appended to the slot's cache;
+- decode steps feed every slot (a view of the cache, no copy); only the few slots being prefilled are copied;
 - stop strings are detected on token ids; text is decoded only for tokens that contain '>'.
 """
 import re
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
 
 from model import chat_prompt, sample
 from search import format_docs
@@ -78,33 +76,6 @@ class Trajectory:
     reward: float = 0.0
 
 
-class GrowingLayer(DynamicLayer):
-    """KV cache layer with amortised growth: DynamicLayer concatenates (copies) the whole cache every step."""
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            self.n = 0
-        t = key_states.shape[-2]
-        if self.keys.numel() == 0 or self.n + t > self.keys.shape[-2]:
-            cap = max(2 * (self.n + t), 256)
-            grow = lambda old, new: torch.cat([old[..., :self.n, :], new.new_zeros(
-                *new.shape[:2], cap - self.n, new.shape[-1])], dim=-2) if old.numel() else new.new_zeros(
-                *new.shape[:2], cap, new.shape[-1])
-            self.keys, self.values = grow(self.keys, key_states), grow(self.values, value_states)
-        self.keys[..., self.n:self.n + t, :] = key_states
-        self.values[..., self.n:self.n + t, :] = value_states
-        self.n += t
-        return self.keys[..., :self.n, :], self.values[..., :self.n, :]
-
-    def get_seq_length(self) -> int:
-        return getattr(self, "n", 0)
-
-    def batch_select_indices(self, indices):
-        if self.is_initialized:
-            self.keys, self.values = self.keys[indices], self.values[indices]
-
-
 def build_prompt(tok, question: str, mode: str = "agent", docs: str = "") -> str:
     """The user turn for a mode, in the model's chat template. docs: rendered results, for rag."""
     templates = {"agent": AGENT_PROMPT, "direct": DIRECT_PROMPT, "rag": RAG_PROMPT}
@@ -126,36 +97,67 @@ def last_tag(text: str, tag: str) -> str | None:
     return found[-1].strip() if found else None
 
 
-class _Stepper:
-    """Feeds ragged chunks of tokens to the batch's KV cache; returns next-token logits per row."""
+class SlotCache:
+    """The batch's KV cache: one slot per running trajectory, each with its own length.
 
-    def __init__(self, model, pad_id: int, n_rows: int):
-        self.model, self.pad_id = model, pad_id
-        self.cache = Cache(layer_class_to_replicate=GrowingLayer)
-        self.mask = torch.zeros(n_rows, 0, dtype=torch.long, device=model.device)
-        self.pos = torch.zeros(n_rows, dtype=torch.long, device=model.device)  # real tokens so far per row
+    Slots never wait for each other: a slot that ends a turn gets its <information> prefilled while the others
+    keep decoding, and a finished slot takes the next trajectory at once. Keys/values are written at each
+    slot's own offset, so the cache has no holes and positions are plain cache indices. HF's attention layers
+    only call update(); the 4D mask that feed() passes tells SDPA which entries each slot may see."""
 
-    @torch.no_grad()
-    def feed(self, chunks: list[list[int]]) -> torch.Tensor:
-        dev, T = self.model.device, max(len(c) for c in chunks)
-        ids = torch.full((len(chunks), T), self.pad_id, dtype=torch.long)
-        new_mask = torch.zeros(len(chunks), T, dtype=torch.long)
-        for i, c in enumerate(chunks):
-            ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-            new_mask[i, :len(c)] = 1
-        ids, new_mask = ids.to(dev), new_mask.to(dev)
-        self.mask = torch.cat([self.mask, new_mask], dim=1)
-        position_ids = self.pos[:, None] + (new_mask.cumsum(1) - 1).clamp(min=0)
-        hidden = self.model.get_decoder()(input_ids=ids, attention_mask=self.mask, position_ids=position_ids,
-                                          cache=self.cache, use_cache=True).last_hidden_state
-        last = (new_mask.sum(1) - 1).clamp(min=0)
-        self.pos += new_mask.sum(1)
-        return self.model.get_output_embeddings()(hidden[torch.arange(len(chunks), device=dev), last]).float()
+    def __init__(self, n_slots: int):
+        self.k, self.v = {}, {}                                  # layer -> (slots, kv_heads, capacity, head_dim)
+        self.n = torch.zeros(n_slots, dtype=torch.long)          # tokens held per slot
+        self.rows = self.length = None                           # set by feed() for one forward
 
-    def keep(self, rows: list[int]):
-        idx = torch.tensor(rows, dtype=torch.long, device=self.model.device)
-        self.cache.batch_select_indices(idx)
-        self.mask, self.pos = self.mask[idx], self.pos[idx]
+    def update(self, key, value, layer: int, **_):
+        rows, T = self.rows, key.shape[2]
+        if layer not in self.k or self.k[layer].shape[2] < self.length:  # amortised growth, never per step
+            cap = max(2 * self.length, 256)
+            for store, new in ((self.k, key), (self.v, value)):
+                old = store.get(layer)
+                grown = new.new_zeros(len(self.n), new.shape[1], cap, new.shape[3])
+                if old is not None:
+                    grown[:, :, :old.shape[2]] = old
+                store[layer] = grown
+        pos = self.n[rows][:, None] + torch.arange(T)             # (b, T): each slot writes at its own end
+        K, V = self.k[layer], self.v[layer]
+        K[rows[:, None], :, pos] = key.transpose(1, 2)
+        V[rows[:, None], :, pos] = value.transpose(1, 2)
+        if len(rows) == len(self.n):                             # decode steps feed every slot: a view, no copy
+            return K[:, :, :self.length], V[:, :, :self.length]
+        return K[rows, :, :self.length], V[rows, :, :self.length]  # a prefill of a few slots: a small copy
+
+    def get_seq_length(self) -> int:
+        return int(self.n.max())
+
+    def keep(self, slots: list[int]):
+        idx = torch.tensor(slots, dtype=torch.long)
+        self.k = {i: t[idx] for i, t in self.k.items()}
+        self.v = {i: t[idx] for i, t in self.v.items()}
+        self.n = self.n[idx]
+
+
+@torch.no_grad()
+def feed(model, cache: SlotCache, slots: list[int], chunks: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Append each chunk to its slot's cache (an empty chunk appends nothing); next-token logits per slot.
+    slots must be every slot (decode) or a few (prefill): see SlotCache.update."""
+    dev, T = model.device, max(max(len(c) for c in chunks), 1)
+    ids = torch.full((len(chunks), T), pad_id, dtype=torch.long)
+    for i, c in enumerate(chunks):
+        ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+    rows, lens = torch.tensor(slots, dtype=torch.long), torch.tensor([len(c) for c in chunks])
+    start = cache.n[rows]
+    pos = start[:, None] + torch.arange(T)                      # (b, T)
+    cache.rows, cache.length = rows, int((start + T).max())
+    j = torch.arange(cache.length)
+    # causal within the slot's own tokens; an empty chunk still sees one entry, so no row is all-masked (NaN)
+    mask = (j <= pos[:, :, None]) & (j < (start + lens.clamp(min=1))[:, None, None])
+    hidden = model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask[:, None].to(dev),
+                                 position_ids=pos.to(dev), cache=cache, use_cache=True).last_hidden_state
+    cache.n[rows] += lens
+    last = (lens - 1).clamp(min=0).to(dev)
+    return model.get_output_embeddings()(hidden[torch.arange(len(chunks), device=dev), last]).float()
 
 
 def rollout(model, tok, questions: list[dict], retriever, cfg: RolloutConfig, progress=None) -> list[Trajectory]:
@@ -168,83 +170,94 @@ def rollout(model, tok, questions: list[dict], retriever, cfg: RolloutConfig, pr
                   add_special_tokens=False).input_ids
         for _ in range(cfg.group_size):
             trajs.append(Trajectory(str(q["id"]), q["question"], list(ids), [0] * len(ids), len(ids)))
-    # similar prompt lengths in one batch waste less padding; trajs keeps the original order
-    order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].token_ids))
-    for start in range(0, len(order), cfg.batch_size):
-        chunk = [trajs[i] for i in order[start:start + cfg.batch_size]]
-        _run_batch(model, tok, chunk, retriever, cfg, gen)
-        if progress is not None:
-            progress.update(len(chunk))
+    _run(model, tok, trajs, retriever, cfg, gen, progress)
     return trajs
 
 
-def _run_batch(model, tok, batch: list[Trajectory], retriever, cfg: RolloutConfig, gen):
-    stops = _StopDetector(tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stepper = _Stepper(model, pad, len(batch))
-    rows = list(batch)                                  # rows still running, aligned with the cache
-    logits = stepper.feed([t.token_ids for t in rows])  # prefill
-    while rows:
-        # one generation turn: every row decodes until it stops (</search>, </answer>, eos, budget)
-        turn = [[] for _ in rows]
-        stopped = [False] * len(rows)
-        while True:
-            nxt = sample(logits, cfg.temperature, cfg.top_p, gen).tolist()
-            for i, t in enumerate(rows):
-                if stopped[i]:
-                    continue
-                turn[i].append(nxt[i])
-                t.token_ids.append(nxt[i]); t.loss_mask.append(1); t.n_generated += 1
-                stopped[i] = (stops(turn[i]) or len(turn[i]) >= cfg.max_turn_tokens
-                              or len(t.token_ids) - t.prompt_len >= cfg.max_total_tokens)
-            if all(stopped):
-                break
-            logits = stepper.feed([[] if s else [turn[i][-1]] for i, s in enumerate(stopped)])
-        # act on each row's turn: answer, search, or correct an invalid action
-        keep, to_search, notes = [], [], {}
-        for i, t in enumerate(rows):
-            t.turns += 1
-            text = tok.decode(turn[i])
-            query, answer = last_tag(text, "search"), last_tag(text, "answer")
-            closing = max(("</search>", "</answer>"), key=text.rfind)
-            room = cfg.max_total_tokens - (len(t.token_ids) - t.prompt_len)
-            if answer is not None and closing == "</answer>" and text.rfind(closing) >= 0:
-                t.answer, t.finished = answer, True
-            elif room < 16:
-                t.answer, t.truncated = answer, True
-            elif cfg.mode != "agent" or t.turns > cfg.max_turns:
-                t.answer = answer            # no search allowed in this turn and no answer: it ends here
-            elif query and closing == "</search>":
-                t.queries.append(query[:300])  # bound absurd queries; the tokens stay as the model wrote them
-                to_search.append(i)
-                keep.append(i)
-            else:
-                t.invalid_actions += 1
-                notes[i] = INVALID
-                keep.append(i)
-        results = safe_search(retriever, [rows[i].queries[-1] for i in to_search], cfg.topk) if to_search else []
-        for i, res in zip(to_search, results):
-            rows[i].observations.append(res)
-        results = dict(zip(to_search, results))
-        if not keep:
+def _run(model, tok, trajs: list[Trajectory], retriever, cfg: RolloutConfig, gen, progress):
+    """Continuous batching over cfg.batch_size slots. Each step: prefill the slots that have pending tokens
+    (a prompt, or the last turn token + an observation), sample one token for every running slot, act on the
+    turns that ended (answer -> free the slot; search -> batch the queries), then one decode forward."""
+    stops, pad = _StopDetector(tok), (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    waiting = list(reversed(trajs))                    # pop() takes them in order
+    S = min(cfg.batch_size, len(trajs))
+    cache = SlotCache(S)
+    slot = [None] * S                                  # the trajectory in each slot
+    pending, turn, logits = [None] * S, [None] * S, [None] * S
+    enc = lambda s: tok(s, add_special_tokens=False).input_ids
+    def observe(s: int, ids: list[int]):             # tokens the policy did not write, then its next turn
+        t = slot[s]
+        if t.turns == cfg.max_turns:                   # the next turn is the last: search is disabled there
+            ids = ids + enc(LAST_TURN)
+        ids = ids[:cfg.max_total_tokens - (len(t.token_ids) - t.prompt_len) - 8]  # room left to answer in
+        t.token_ids += ids; t.loss_mask += [0] * len(ids)
+        pending[s], turn[s] = [turn[s][-1]] + ids, []  # the turn's last token is not in the cache yet
+
+    while True:
+        for s in range(S):                             # admit: a free slot takes the next trajectory
+            if slot[s] is None and waiting:
+                slot[s], turn[s], cache.n[s] = waiting.pop(), [], 0
+                pending[s] = list(slot[s].token_ids)
+        running = [s for s in range(S) if slot[s] is not None]
+        if not running:
             break
-        chunks = []
-        for i in keep:
-            t = rows[i]
-            if i in results:
-                ids = tok(f"\n\n<information>{results[i].strip()}</information>\n\n",
-                          add_special_tokens=False).input_ids[:cfg.max_obs_tokens]
-            else:
-                ids = tok(notes[i], add_special_tokens=False).input_ids
-            if t.turns == cfg.max_turns:  # the next turn is the last: search is disabled there
-                ids += tok(LAST_TURN, add_special_tokens=False).input_ids
-            room = cfg.max_total_tokens - (len(t.token_ids) - t.prompt_len)
-            ids = ids[:room - 8]  # leave the policy a few tokens to answer in
-            t.token_ids += ids; t.loss_mask += [0] * len(ids)
-            chunks.append([turn[i][-1]] + ids)  # the turn's last sampled token is not in the cache yet
-        rows = [rows[i] for i in keep]
-        stepper.keep(keep)
-        logits = stepper.feed(chunks)
+        if not waiting and len(running) <= S // 2:    # the tail: stop paying for empty slots
+            cache.keep(running)
+            slot, pending, turn, logits = ([x[s] for s in running] for x in (slot, pending, turn, logits))
+            S, running = len(running), list(range(len(running)))
+        pre = [s for s in running if pending[s]]
+        if pre:
+            for s, lg in zip(pre, feed(model, cache, pre, [pending[s] for s in pre], pad)):
+                logits[s], pending[s] = lg, None
+        nxt = sample(torch.stack([logits[s] for s in running]), cfg.temperature, cfg.top_p, gen).tolist()
+        to_search, decoding = [], set()
+        for s, x in zip(running, nxt):
+            t = slot[s]
+            turn[s].append(x)
+            t.token_ids.append(x); t.loss_mask.append(1); t.n_generated += 1
+            if not (stops(turn[s]) or len(turn[s]) >= cfg.max_turn_tokens
+                    or len(t.token_ids) - t.prompt_len >= cfg.max_total_tokens):
+                decoding.add(s)
+                continue
+            action = _act(t, tok.decode(turn[s]), cfg)
+            if action == "search":
+                to_search.append(s)
+            elif action == "invalid":
+                observe(s, enc(INVALID))
+            else:                                      # answered, or out of turns or tokens: free the slot
+                slot[s] = None
+                if progress is not None:
+                    progress.update(1)
+        if to_search:                                  # one retriever call for every query of this step
+            for s, res in zip(to_search, safe_search(retriever, [slot[s].queries[-1] for s in to_search], cfg.topk)):
+                slot[s].observations.append(res)
+                observe(s, enc(f"\n\n<information>{res.strip()}</information>\n\n")[:cfg.max_obs_tokens])
+        if decoding:                                   # every slot takes part (a view of the cache, no copy)
+            out = feed(model, cache, list(range(S)), [[turn[s][-1]] if s in decoding else [] for s in range(S)], pad)
+            for s in decoding:
+                logits[s] = out[s]
+
+
+def _act(t: Trajectory, text: str, cfg: RolloutConfig) -> str:
+    """What a finished turn does: "answer" (done), "end" (no more turns or tokens), "search" or "invalid"."""
+    t.turns += 1
+    query, answer = last_tag(text, "search"), last_tag(text, "answer")
+    closing = max(("</search>", "</answer>"), key=text.rfind)
+    room = cfg.max_total_tokens - (len(t.token_ids) - t.prompt_len)
+    if answer is not None and closing == "</answer>" and text.rfind(closing) >= 0:
+        t.answer, t.finished = answer, True
+        return "answer"
+    if room < 16:
+        t.answer, t.truncated = answer, True
+        return "end"
+    if cfg.mode != "agent" or t.turns > cfg.max_turns:
+        t.answer = answer                  # no search allowed in this turn and no answer: it ends here
+        return "end"
+    if query and closing == "</search>":
+        t.queries.append(query[:300])      # bound absurd queries; the tokens stay as the model wrote them
+        return "search"
+    t.invalid_actions += 1
+    return "invalid"
 
 
 class _StopDetector:

@@ -1,10 +1,12 @@
 """rollout.py: the multi-turn search agent. A tiny model is taught one scripted trajectory so that it
 really searches and answers; the loss mask is then checked token by token."""
+import dataclasses
+
 import pytest
 import torch
 
 import model as M
-from rollout import RolloutConfig, Trajectory, _Stepper, build_prompt, last_tag, rollout
+from rollout import RolloutConfig, SlotCache, Trajectory, build_prompt, feed, last_tag, rollout
 from search import Doc
 
 QUESTION = {"id": "q1", "question": "What is the capital of France?", "golden_answers": ["Paris"]}
@@ -83,26 +85,37 @@ def test_empty_search_result_is_reported_as_no_results(tok, taught):
     assert t.observations == ["No results found.\n"]
 
 
-def test_batched_cache_with_holes_gives_the_same_logits_as_each_row_alone(tiny):
-    """Rows of different lengths, pads in the middle (a row waiting while others decode), cache kept
-    across calls: each row's next-token logits must equal a plain full forward of its real tokens."""
+def test_slot_cache_gives_each_slot_the_logits_of_running_it_alone(tiny):
+    """Slots of different lengths, prefills of a few slots while others wait, decode steps where some slots
+    feed nothing, then dropping a slot: each slot's next-token logits equal a plain forward of its tokens."""
     torch.manual_seed(0)
     rows = [torch.randint(5, 200, (n,)).tolist() for n in (7, 12, 3)]
-    st = _Stepper(tiny, pad_id=0, n_rows=3)
-    st.feed(rows)
-    extra = [[11], [], [12]]
-    st.feed(extra)
-    more = [[13, 14, 15], [16], [17]]
-    logits = st.feed(more)
-    full = [r + e + m for r, e, m in zip(rows, extra, more)]
-    for i, seq in enumerate(full):
-        ref = tiny(input_ids=torch.tensor([seq])).logits[0, -1]
-        torch.testing.assert_close(logits[i], ref, atol=1e-4, rtol=1e-4)
-    st.keep([0, 2])  # dropping a finished row keeps the others intact
-    logits = st.feed([[20], [21]])
+    cache = SlotCache(3)
+    feed(tiny, cache, [0, 1, 2], rows, pad_id=0)
+    feed(tiny, cache, [0, 1, 2], [[11], [], [12]], pad_id=0)     # slot 1 waits
+    logits = feed(tiny, cache, [2, 0], [[13, 14, 15], [16]], pad_id=0)  # a prefill of two slots, in any order
+    full = [rows[0] + [11, 16], rows[1], rows[2] + [12, 13, 14, 15]]
+    for j, i in enumerate([2, 0]):
+        ref = tiny(input_ids=torch.tensor([full[i]])).logits[0, -1]
+        torch.testing.assert_close(logits[j], ref, atol=1e-4, rtol=1e-4)
+    cache.keep([0, 2])  # dropping a finished slot keeps the others intact
+    logits = feed(tiny, cache, [0, 1], [[20], [21]], pad_id=0)
     for j, (i, tokn) in enumerate([(0, 20), (2, 21)]):
         ref = tiny(input_ids=torch.tensor([full[i] + [tokn]])).logits[0, -1]
         torch.testing.assert_close(logits[j], ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["tiny", "taught"])
+def test_continuous_batching_gives_the_same_greedy_trajectories_as_one_row_at_a_time(tok, which, request):
+    """Slots that search, wait, finish and are refilled at different steps change nothing in what is sampled."""
+    policy = request.getfixturevalue(which)
+    qs = [QUESTION, {**QUESTION, "id": "q2", "question": "Who painted the Mona Lisa?"}, {**QUESTION, "id": "q3"}]
+    cfg = RolloutConfig(group_size=2, max_turn_tokens=30, max_total_tokens=120, temperature=0, max_turns=2)
+    together = rollout(policy, tok, qs, ScriptedRetriever(), dataclasses.replace(cfg, batch_size=4))
+    alone = rollout(policy, tok, qs, ScriptedRetriever(), dataclasses.replace(cfg, batch_size=1))
+    assert [t.token_ids for t in together] == [t.token_ids for t in alone]
+    assert [t.loss_mask for t in together] == [t.loss_mask for t in alone]
+    assert which == "tiny" or all(t.queries for t in together)  # the taught model really searched
 
 
 def test_random_model_is_bounded_by_the_token_budget_and_never_answers_from_the_prompt(tok, tiny):
