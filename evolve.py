@@ -254,7 +254,7 @@ def main(argv=None):
             trajs = sample_trajectories(cfg, actor, tok, qs, retriever, cfg.seed + 100 * r + 99, f"r{r} rollouts")
             d_reward = reward(trajs, gold)
             dstats = distill(policy, tok, trajs, DistillConfig(method=cfg.distill, lr=cfg.distill_lr, seed=cfg.seed + r))
-            kept = dstats.get("n_pairs", dstats.get("n_kept", 0))
+            kept = dstats["n_pairs"] or dstats["n_kept"]
             sync()
             show(tok, trajs[::cfg.group_size], cfg.show)
         # 3) evaluate and checkpoint
