@@ -39,7 +39,8 @@ def questions(kind, tok):
     if kind == "distill":
         return [group(tok, "q1"), group(tok, "q2")[:3], group(tok, "q3")[1:]]
     rewards = {"q1": [1, 0, 0], "q2": [0, 1], "q3": [1, 1]}
-    return [[make_traj(tok, q, "Paris" + " is the answer" * g, r) for g, r in enumerate(rs)] for q, rs in rewards.items()]
+    return [[make_traj(tok, q, "Paris" + " is the answer" * g, r) for g, r in enumerate(rs)]
+            for q, rs in rewards.items()]
 
 
 def worker(rank, kind, init_file, out, shards):
