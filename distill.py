@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from grpo import autocast, chunks, optimizer_step, split
 from model import chat_prompt, pack, response_logits, token_logp
+from parallel import all_sum, batches
 from rollout import AGENT_PROMPT, Trajectory
 
 HINT_QUERIES = "\nA correct and efficient solution {how}: {answer}.\n"
@@ -153,7 +154,7 @@ def sft_loss(policy, trajs: list, pad_id: int, autocast_bf16: bool = True):
 
 def distill(policy, tok, trajs: list, cfg: DistillConfig | None = None, optimizer=None) -> dict:
     """One self-distillation round over the policy's own rollouts (grouped by qid, t.reward set).
-    Rows are shuffled into batches of batch_size (one optimizer step each, token-mean loss), each run in
+    Rows are shuffled into ceil(rows / batch_size) even batches (one optimizer step each, token-mean loss), each in
     micro-batches of similar length with gradient accumulation. Without an optimizer, AdamW(lr=cfg.lr)."""
     cfg = cfg or DistillConfig()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -183,13 +184,14 @@ def distill(policy, tok, trajs: list, cfg: DistillConfig | None = None, optimize
         order = list(range(len(items)))
         rng.shuffle(order)             # batches mix questions
         ep_sum, ep_tok = 0.0, 0
-        for batch in chunks(order, cfg.batch_size):
-            denom = sum(n_tok[i] for i in batch)
+        for batch in batches(order, cfg.batch_size):   # under torchrun: this process's share of each batch
+            denom = all_sum(sum(n_tok[i] for i in batch))
             total = 0.0
             for micro in chunks(sorted(batch, key=length), cfg.micro_batch):
                 loss_sum, _ = loss_fn([items[i] for i in micro])
                 (loss_sum / max(denom, 1)).backward()
                 total += float(loss_sum.detach())
+            total = all_sum(total)
             ok, _ = optimizer_step(policy, optimizer, total, cfg.max_grad_norm)
             stats["steps"] += ok
             stats["n_skipped"] += not ok

@@ -2,13 +2,23 @@
 
 The reward in Search-E1 is exact match against the gold answers and nothing else: no format bonus.
 Normalisation follows SQuAD / FlashRAG: lowercase, strip punctuation, drop a/an/the, collapse spaces.
+The paper's seven benchmarks are fetched by name (--data nq,hotpotqa,...) from FlashRAG's hub copies.
 """
 import dataclasses
+import os
 import re
 import string
 import time
 import unicodedata
+import urllib.request
 from collections import Counter
+from pathlib import Path
+
+# Search-R1's (and Search-E1's) evaluation splits: test where FlashRAG has one, dev otherwise
+BENCHMARKS = {"nq": "test", "triviaqa": "test", "popqa": "test", "hotpotqa": "dev", "2wikimultihopqa": "dev",
+              "musique": "dev", "bamboogle": "test"}
+FLASHRAG_URL = "https://huggingface.co/datasets/RUC-NLPIR/FlashRAG_datasets/resolve/main/{name}/{split}.jsonl"
+BENCH_DIR = Path(__file__).resolve().parent / "data" / "cache" / "benchmarks"
 
 
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -65,10 +75,11 @@ def evaluate(model, tok, questions: list[dict], retriever, mode: str = "agent", 
     seconds = time.time() - t0
     records = [readable(t, q["golden_answers"], tok) for t, q in zip(trajs, questions)]
     n = len(records)
-    metrics = {"n": n, "em": sum(r["em"] for r in records) / n, "f1": sum(r["f1"] for r in records) / n,
-               "searches_per_q": sum(len(t.queries) for t in trajs) / n,
-               "gen_tokens_per_q": sum(t.n_generated for t in trajs) / n,
-               "answered": sum(t.answer is not None for t in trajs) / n,
+    d = max(n, 1)  # no questions (a torchrun process with an empty shard): zeros
+    metrics = {"n": n, "em": sum(r["em"] for r in records) / d, "f1": sum(r["f1"] for r in records) / d,
+               "searches_per_q": sum(len(t.queries) for t in trajs) / d,
+               "gen_tokens_per_q": sum(t.n_generated for t in trajs) / d,
+               "answered": sum(t.answer is not None for t in trajs) / d,
                "invalid_actions": sum(t.invalid_actions for t in trajs), "truncated": sum(t.truncated for t in trajs),
                "seconds": round(seconds, 1)}
     return metrics, records
@@ -87,6 +98,32 @@ def rule_agent(questions: list[dict], retriever) -> tuple[dict, list[dict]]:
             "searches_per_q": 1.0, "gen_tokens_per_q": 0.0, "seconds": round(time.time() - t0, 1)}, records
 
 
+def fetch_benchmark(name: str, cache_dir: Path = BENCH_DIR, timeout: float = 60) -> Path:
+    """FlashRAG's jsonl of a benchmark, in Search-R1's split, downloaded once into cache_dir."""
+    split = BENCHMARKS[name]
+    path, url = Path(cache_dir) / f"{name}_{split}.jsonl", FLASHRAG_URL.format(name=name, split=split)
+    if not path.exists():
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                raw = r.read()
+        except OSError as e:  # URLError, HTTPError, timeouts
+            raise RuntimeError(f"--data {name} needs network access to download {url} ({e}). Offline, pass a local "
+                               f"FlashRAG jsonl path as --data, or put the file at {path}") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_bytes(raw)
+        os.replace(path.with_suffix(".tmp"), path)  # atomic: a cut download is never mistaken for the file
+    return path
+
+
+def print_benchmarks(results: dict[str, dict[str, dict]]) -> None:
+    """The paper's table: EM per benchmark (columns) and their average, one row per mode."""
+    names, modes = list(results), list(next(iter(results.values())))
+    print(f"\n{'EM':<8}" + "".join(f"{n[:15]:>16}" for n in names) + f"{'avg':>8}")
+    for mode in modes:
+        ems = [results[n][mode]["em"] for n in names]
+        print(f"{mode:<8}" + "".join(f"{e:>16.3f}" for e in ems) + f"{sum(ems) / len(ems):>8.3f}")
+
+
 def print_table(results: dict[str, dict], title: str = "") -> None:
     print(f"\n{title}\n{'mode':<8} {'EM':>6} {'F1':>6} {'search/q':>9} {'gen tok/q':>10} {'seconds':>8}")
     for mode, m in results.items():
@@ -97,7 +134,6 @@ def print_table(results: dict[str, dict], title: str = "") -> None:
 def main(argv=None):
     import argparse
     import json
-    from pathlib import Path
 
     from data.prepare import QUESTIONS_DIR, ensure_all, load_qa
     from model import EMBEDDED, load_policy
@@ -107,12 +143,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a policy on a FlashRAG-format QA file "
                                             "({id, question, golden_answers} jsonl) in several modes.")
     p.add_argument("--model", default=EMBEDDED, help="hub id, HF folder (e.g. a round_<r> checkpoint) or 'smollm2'")
-    p.add_argument("--data", default=None, help="QA jsonl; default: the project's held-out test split")
+    p.add_argument("--data", default=None, help="QA jsonl path(s) or benchmark name(s), comma-separated: "
+                   f"{','.join(BENCHMARKS)} (fetched from the hub); default: the project's held-out test split")
     p.add_argument("--limit", type=int, default=None, help="first N questions only")
     p.add_argument("--modes", default="rule,direct,rag,agent", help="comma list of rule, direct, rag, agent")
     p.add_argument("--corpus", default=None, help="corpus jsonl {id, contents} for local BM25")
     p.add_argument("--retriever_url", default=None, help="Search-R1 /retrieve endpoint instead of local BM25")
-    p.add_argument("--out_dir", default=None, help="where trajectories go; default runs/eval_<data name>")
+    p.add_argument("--out_dir", default=None, help="where trajectories go; default runs/eval_<data name> "
+                   "(several --data: out_dir/eval_<data name> each)")
     p.add_argument("--max_turns", type=int, default=RolloutConfig.max_turns)
     p.add_argument("--batch_size", type=int, default=RolloutConfig.batch_size)
     p.add_argument("--device", default=None)
@@ -125,25 +163,38 @@ def main(argv=None):
         p.error(f"unknown mode(s) {bad}: choose from rule, direct, rag, agent")
     if args.data is None or (args.corpus is None and args.retriever_url is None):
         ensure_all()
-    data = Path(args.data or QUESTIONS_DIR / "test.jsonl")
-    questions = load_qa(data, limit=args.limit)
+    names = [d.strip() for d in (args.data or str(QUESTIONS_DIR / "test.jsonl")).split(",") if d.strip()]
+    unknown = [n for n in names if n not in BENCHMARKS and not Path(n).exists()]
+    if unknown:
+        p.error(f"--data {','.join(unknown)}: no such file, and not a benchmark name ({', '.join(BENCHMARKS)})")
+    try:
+        paths = {n: fetch_benchmark(n) if n in BENCHMARKS and not Path(n).exists() else Path(n) for n in names}
+    except RuntimeError as e:
+        p.error(str(e))
     retriever = get_retriever(args.corpus, args.retriever_url)
-    out_dir = Path(args.out_dir or Path("runs") / f"eval_{data.stem}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     model = tok = None
     if set(modes) - {"rule"}:
         model, tok = load_policy(args.model, device=args.device, dtype=args.dtype)
     cfg = RolloutConfig(max_turns=args.max_turns, batch_size=args.batch_size)
-    results = {}
-    for mode in modes:
-        if mode == "rule":
-            results[mode], records = rule_agent(questions, retriever)
-        else:
-            results[mode], records = evaluate(model, tok, questions, retriever, mode, cfg)
-        with open(out_dir / f"{mode}.jsonl", "w") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    print_table(results, f"{args.model} on {data} (n={len(questions)}); trajectories in {out_dir}/")
+    every = {}
+    for name, data in paths.items():
+        questions = load_qa(data, limit=args.limit)
+        one = args.out_dir and len(paths) == 1
+        out_dir = Path(args.out_dir) if one else Path(args.out_dir or "runs") / f"eval_{data.stem}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results = every[name if name in BENCHMARKS else data.stem] = {}
+        for mode in modes:
+            if mode == "rule":
+                results[mode], records = rule_agent(questions, retriever)
+            else:
+                results[mode], records = evaluate(model, tok, questions, retriever, mode, cfg)
+            with open(out_dir / f"{mode}.jsonl", "w") as f:
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        print_table(results, f"{args.model} on {data} (n={len(questions)}); trajectories in {out_dir}/")
+    if len(every) > 1:
+        print_benchmarks(every)
+    results = every if len(every) > 1 else results  # one file: {mode: metrics}; several: {name: {mode: ...}}
     print(json.dumps(results))
     return results
 

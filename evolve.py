@@ -17,12 +17,16 @@ only: search the article names the question is about, read the real BM25 results
 training answer. Dev and test answers are never seen. round_0 is the post-warm-up checkpoint, so the
 table shows what self-evolution adds beyond it.
 
+torchrun --nproc_per_node=N evolve.py ...: each process takes a shard of every batch of questions, training
+equals one process's on all of them (parallel.py), and only rank 0 prints and writes.
+
 CPU precision: the trainable policy keeps fp32 weights (updates of 1e-5 vanish in bf16) and trains
 under bf16 autocast; rollouts run on a bf16 copy (the "actor"), re-synced after every update.
 """
 import copy
 import dataclasses
 import json
+import os
 import random
 import shutil
 import sys
@@ -32,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+import parallel
 from data.prepare import QUESTIONS_DIR, ensure_all, load_qa
 from distill import DistillConfig, distill
 from eval import evaluate, exact_match
@@ -104,10 +109,10 @@ def rollout_cfg(cfg: Config, **kw) -> RolloutConfig:
 
 
 def reward(trajs: list[Trajectory], gold: dict[str, list[str]]) -> float:
-    """Exact match, and nothing else: the paper's point."""
+    """Exact match, and nothing else: the paper's point. Returns the mean over every process's trajectories."""
     for t in trajs:
         t.reward = exact_match(t.answer, gold[t.qid])
-    return sum(t.reward for t in trajs) / max(len(trajs), 1)
+    return parallel.all_sum(sum(t.reward for t in trajs)) / max(parallel.all_sum(len(trajs)), 1)
 
 
 def scripted_traces(tok, questions: list[dict], retriever, rcfg: RolloutConfig) -> list[Trajectory]:
@@ -143,10 +148,16 @@ def sample_trajectories(cfg, actor, tok, questions, retriever, seed, desc):
                        rollout_cfg(cfg, group_size=cfg.group_size, seed=seed), progress=bar)
 
 
+def evaluate_all(actor, tok, questions, retriever, rc, desc):
+    """Greedy agent on this process's shard of the questions; metrics over all of them."""
+    m, records = evaluate(actor, tok, parallel.shard(questions), retriever, "agent", rc, desc=desc)
+    return parallel.merge_metrics(m), records
+
+
 def evaluate_round(cfg, actor, tok, dev, test, retriever) -> dict:
     rc = rollout_cfg(cfg)
-    m_dev, _ = evaluate(actor, tok, dev, retriever, "agent", rc, desc="eval dev")
-    m_test, records = evaluate(actor, tok, test, retriever, "agent", rc, desc="eval test")
+    m_dev, _ = evaluate_all(actor, tok, dev, retriever, rc, "eval dev")
+    m_test, records = evaluate_all(actor, tok, test, retriever, rc, "eval test")
     return {"dev_em": m_dev["em"], "test_em": m_test["em"], "test_f1": m_test["f1"],
             "searches_per_q": m_test["searches_per_q"], "gen_tokens_per_q": m_test["gen_tokens_per_q"],
             "invalid_actions": m_test["invalid_actions"], "truncated": m_test["truncated"]}, records
@@ -187,6 +198,9 @@ def show(tok, trajs, n):
 
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    rank, _ = parallel.init()
+    if rank:  # every process computes; only rank 0 reports
+        sys.stdout = open(os.devnull, "w")
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     t_start = time.time()
     ensure_all()
@@ -209,14 +223,14 @@ def main(argv=None):
 
     if start is None:  # round 0: warm-up if needed, then the baseline every later round is compared with
         t0 = time.time()
-        probe_m, _ = evaluate(actor, tok, train[cursor:cursor + 8], retriever, "agent", rollout_cfg(cfg), "probe")
+        probe_m, _ = evaluate_all(actor, tok, train[cursor:cursor + 8], retriever, rollout_cfg(cfg), "probe")
         probe_reward = probe_m["em"]  # greedy on 8 training questions: cheap, and enough to see "never right"
         warm = cfg.warmup == "on" or (cfg.warmup == "auto" and probe_reward == 0)
         print(f"probe reward {probe_reward:.3f} on 8 training questions -> warm-up {'on' if warm else 'off'}")
         n_warm = 0
         if warm:
-            traces = scripted_traces(tok, train[:cfg.warmup_questions], retriever, rollout_cfg(cfg))
-            n_warm = len(traces)
+            traces = scripted_traces(tok, parallel.shard(train[:cfg.warmup_questions]), retriever, rollout_cfg(cfg))
+            n_warm = int(parallel.all_sum(len(traces)))
             stats = distill(policy, tok, traces, DistillConfig(method="sft", lr=cfg.warmup_lr, per_question_cap=1,
                                                                   seed=cfg.seed))
             print(f"warm-up: cloned {n_warm} scripted traces, loss {stats['loss']:.3f}")
@@ -224,7 +238,7 @@ def main(argv=None):
         metrics, _ = evaluate_round(cfg, actor, tok, dev, test, retriever)
         metrics = {"round": 0, **metrics, "reward_mean": probe_reward, "kept": n_warm, "warmup": warm,
                    "seconds": round(time.time() - t0, 1)}
-        save_round(policy, tok, out, 0, metrics)
+        if rank == 0: save_round(policy, tok, out, 0, metrics)  # noqa: E701
         print("round 0:", json.dumps(metrics))
         start = 0
 
@@ -240,21 +254,21 @@ def main(argv=None):
         opt = torch.optim.AdamW(policy.parameters(), lr=cfg.grpo_lr, weight_decay=0.0)
         g_rewards, zero_groups = [], 0
         for s in range(cfg.grpo_steps):
-            qs = pool[s * cfg.grpo_questions:(s + 1) * cfg.grpo_questions]
+            qs = parallel.shard(pool[s * cfg.grpo_questions:(s + 1) * cfg.grpo_questions])
             trajs = sample_trajectories(cfg, actor, tok, qs, retriever, cfg.seed + 100 * r + s, f"r{r} grpo {s + 1}")
             g_rewards.append(reward(trajs, gold))
             stats = grpo_step(policy, ref, opt, trajs, gcfg, tok.pad_token_id)
-            zero_groups += stats["n_zero_groups"]
+            zero_groups += int(parallel.all_sum(stats["n_zero_groups"]))
             sync()
         # 2) the policy rolls out on its own training questions, then self-distils
-        qs = pool[cfg.grpo_steps * cfg.grpo_questions:]
+        qs = parallel.shard(pool[cfg.grpo_steps * cfg.grpo_questions:])
         kept = 0
         d_reward = float("nan")
-        if cfg.distill != "none" and qs:
+        if cfg.distill != "none" and parallel.all_sum(len(qs)):
             trajs = sample_trajectories(cfg, actor, tok, qs, retriever, cfg.seed + 100 * r + 99, f"r{r} rollouts")
             d_reward = reward(trajs, gold)
             dstats = distill(policy, tok, trajs, DistillConfig(method=cfg.distill, lr=cfg.distill_lr, seed=cfg.seed + r))
-            kept = dstats["n_pairs"] or dstats["n_kept"]
+            kept = int(parallel.all_sum(dstats["n_pairs"] or dstats["n_kept"]))
             sync()
             show(tok, trajs[::cfg.group_size], cfg.show)
         # 3) evaluate and checkpoint
@@ -263,10 +277,12 @@ def main(argv=None):
         metrics = {"round": r, **metrics, "reward_mean": sum(all_rewards) / max(len(all_rewards), 1),
                    "grpo_reward": g_rewards, "zero_adv_groups": zero_groups, "distill_reward": d_reward,
                    "kept": kept, "seconds": round(time.time() - t0, 1)}
-        save_round(policy, tok, out, r, metrics)
+        if rank == 0: save_round(policy, tok, out, r, metrics)  # noqa: E701
         print(f"round {r}: dev EM {metrics['dev_em']:.3f} test EM {metrics['test_em']:.3f} "
               f"reward {metrics['reward_mean']:.3f} kept {kept} searches/q {metrics['searches_per_q']:.2f} "
               f"({metrics['seconds']:.0f} s)")
+    if rank:
+        return None
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     print(f"\n{'round':>5} {'dev EM':>7} {'test EM':>8} {'reward':>7} {'kept':>5} {'search/q':>8} {'s':>6}")
     for m in rows:

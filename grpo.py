@@ -13,7 +13,8 @@ means, which depends on the micro-batch size); groups whose rewards are all equa
 forward pass; with one epoch and one mini-batch the old log-probs are the current ones detached (identical
 values, one forward pass fewer); bf16 autocast on by default (CPU: 252 vs 150 tok/s for fwd+bwd here).
 
-The helpers up top (optimizer_step, chunks, autocast, split) are shared with distill.py.
+The helpers up top (optimizer_step, chunks, autocast, split) are shared with distill.py. Under torchrun each
+process passes its own groups; parallel.py makes the step equal to one process's step on all of them.
 """
 import itertools
 import math
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from model import response_logits, token_logp, pack
+from parallel import all_sum, batches, sum_grads
 
 
 @dataclass
@@ -53,8 +55,10 @@ def split(t):
 
 
 def optimizer_step(model, optimizer, loss_value: float, max_grad_norm: float):
-    """Clip and step. A non-finite loss or gradient norm skips the step and drops its gradients, so one bad
-    batch never poisons the weights. Returns (stepped, grad_norm)."""
+    """Sum gradients over processes, clip and step. A non-finite loss (summed over processes too) or gradient
+    norm skips the step and drops its gradients, so one bad batch never poisons the weights. Returns
+    (stepped, grad_norm)."""
+    sum_grads(model)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
     ok = math.isfinite(loss_value) and bool(torch.isfinite(norm))
     if ok:
@@ -108,10 +112,11 @@ def grpo_step(policy, ref, optimizer, trajs: list, cfg: GRPOConfig, pad_id: int)
                  reward_mean=sum(rewards) / max(len(rewards), 1), n_trained=len(active),
                  tokens=sum(sum(split(trajs[i])[2]) for i in active), steps=0, n_skipped=0, skipped=False,
                  grad_norm=0.0)
-    if not active:
+    n_active = all_sum(len(active))  # over every process: all of them step, or none
+    if not n_active:
         return stats
     resp_len = lambda i: len(trajs[i].token_ids) - trajs[i].prompt_len
-    mb_size = cfg.minibatch or len(active)
+    mb_size = cfg.minibatch or n_active
 
     @torch.no_grad()
     def per_traj(model):  # log-probs frozen before any update, one 1-D tensor per trajectory
@@ -123,15 +128,15 @@ def grpo_step(policy, ref, optimizer, trajs: list, cfg: GRPOConfig, pad_id: int)
 
     use_ref = ref is not None and cfg.kl_coef > 0
     ref_lp = per_traj(ref) if use_ref else None
-    old_lp = per_traj(policy) if cfg.ppo_epochs > 1 or mb_size < len(active) else None
+    old_lp = per_traj(policy) if cfg.ppo_epochs > 1 or mb_size < n_active else None
     rng, losses, sums = random.Random(cfg.seed), [], dict(kl=0.0, clip=0.0, tok=0.0)
     optimizer.zero_grad(set_to_none=True)
     for epoch in range(cfg.ppo_epochs):
         order = list(active)
         if old_lp is not None:
             rng.shuffle(order)
-        for mini in chunks(order, mb_size):
-            denom = sum(sum(split(trajs[i])[2]) for i in mini)
+        for mini in batches(order, mb_size):
+            denom = all_sum(sum(sum(split(trajs[i])[2]) for i in mini))  # the global token-mean
             total = 0.0
             for micro in chunks(sorted(mini, key=resp_len), cfg.micro_batch):  # similar lengths: less padding
                 lp, mask = _logp(policy, [trajs[i] for i in micro], pad_id, cfg)
@@ -150,6 +155,7 @@ def grpo_step(policy, ref, optimizer, trajs: list, cfg: GRPOConfig, pad_id: int)
                 total += float(loss.detach())
                 sums["clip"] += float(((pg_clip > pg).float() * mask).sum())
                 sums["tok"] += float(mask.sum())
+            total = all_sum(total)
             ok, stats["grad_norm"] = optimizer_step(policy, optimizer, total, cfg.max_grad_norm)
             stats["steps"] += ok
             stats["n_skipped"] += not ok

@@ -162,7 +162,7 @@ def feed(model, cache: SlotCache, slots: list[int], chunks: list[list[int]], pad
 
 def rollout(model, tok, questions: list[dict], retriever, cfg: RolloutConfig, progress=None) -> list[Trajectory]:
     """questions: dicts with "id" and "question". Returns len(questions) * G trajectories, grouped by question."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(model.device).manual_seed(cfg.seed)  # sampling draws on the model's device
     docs = safe_search(retriever, [q["question"] for q in questions], cfg.topk) if cfg.mode == "rag" else None
     trajs = []
     for n, q in enumerate(questions):

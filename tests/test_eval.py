@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from eval import exact_match, f1_score, main, normalize_answer
+from data.prepare import load_qa
+from eval import BENCHMARKS, exact_match, f1_score, fetch_benchmark, main, normalize_answer
 
 
 def test_normalisation_lowercases_strips_punctuation_and_articles():
@@ -53,3 +54,36 @@ def test_cli_rejects_bad_data_naming_the_file_and_line(tmp_path, content, messag
     data.write_text(content)
     with pytest.raises(ValueError, match=message):
         main(["--data", str(data), "--modes", "rule", "--out_dir", str(tmp_path / "run")])
+
+
+def test_benchmark_names_use_search_r1_splits_and_offline_fail_naming_the_fix(tmp_path):
+    assert {n for n, split in BENCHMARKS.items() if split == "dev"} == {"hotpotqa", "2wikimultihopqa", "musique"}
+    assert len(BENCHMARKS) == 7
+    try:
+        path = fetch_benchmark("bamboogle", cache_dir=tmp_path, timeout=10)
+    except RuntimeError as e:  # this machine has no network: the message says what to do instead
+        assert "needs network access" in str(e) and "local" in str(e) and "bamboogle/test.jsonl" in str(e)
+        assert not list(tmp_path.iterdir())  # nothing half-written
+    else:  # with network: Search-R1's Bamboogle test split, 125 questions, readable as is
+        assert path.name == "bamboogle_test.jsonl" and len(load_qa(path)) == 125
+
+
+def test_unknown_data_name_is_rejected_listing_the_benchmarks(capsys):
+    with pytest.raises(SystemExit):
+        main(["--data", "nq2", "--modes", "rule"])
+    assert "musique" in capsys.readouterr().err
+
+
+def test_several_data_files_print_the_papers_table_one_column_each_and_the_average(tmp_path, capsys):
+    rows = {"easy": ("Victor Hugo", "Victor Hugo"), "hard": ("Victor Hugo", "nobody")}  # rule: top title
+    for name, (question, gold) in rows.items():
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"id": "1", "question": question,
+                                                            "golden_answers": [gold]}) + "\n")
+    data = f"{tmp_path / 'easy.jsonl'},{tmp_path / 'hard.jsonl'}"
+    results = main(["--data", data, "--modes", "rule", "--out_dir", str(tmp_path / "run")])
+    assert results["easy"]["rule"]["em"] == 1.0 and results["hard"]["rule"]["em"] == 0.0
+    out = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(out) if line.startswith("EM "))
+    assert out[header].split() == ["EM", "easy", "hard", "avg"]
+    assert out[header + 1].split() == ["rule", "1.000", "0.000", "0.500"]
+    assert (tmp_path / "run" / "eval_easy" / "rule.jsonl").exists()
