@@ -237,3 +237,18 @@ def test_a_model_that_never_stops_is_truncated_by_the_token_budget_and_counted(t
     metrics, records = evaluate(tiny, tok, [QUESTION, {**QUESTION, "id": "q2"}], ScriptedRetriever(), "agent", cfg)
     assert metrics["truncated"] == 2 and metrics["answered"] == 0
     assert all(r["generated_tokens"] <= cfg.max_total_tokens and r["turns"] == 1 for r in records)
+
+
+def test_retriever_http_errors_are_observed_or_stop_the_rollout_as_configured(tok, taught):
+    """Against a real local server (tests/test_search.py) that rejects every request."""
+    from search import BM25, HTTPRetriever, RetrieverError
+    from test_search import serve
+    bm25 = BM25([{"id": "7", "contents": '"Paris"\nParis is the capital of France.'}])
+    cfg = RolloutConfig(temperature=0, max_turns=2)
+    with serve(bm25, mode="400") as (url, state):
+        retriever = HTTPRetriever(url, retries=0)
+        [t] = rollout(taught, tok, [QUESTION], retriever, cfg)
+        assert t.observations[0].startswith(f"Search failed: RetrieverError: retriever {url} rejected the request: HTTP 400")
+        with pytest.raises(RetrieverError, match="HTTP 400"):
+            rollout(taught, tok, [QUESTION], retriever, dataclasses.replace(cfg, on_search_error="stop"))
+    assert state["requests"] == 2
