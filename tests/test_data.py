@@ -129,7 +129,8 @@ def test_load_qa_errors_name_file_and_line(tmp_path, bad, line, what):
 
 def test_load_qa_names_file_and_line_of_bytes_that_are_not_utf8(tmp_path):
     p = tmp_path / "qa.jsonl"
-    p.write_bytes(GOOD.encode() + b"\n" + '{"id": "b", "question": "Caf\u00e9?", "golden_answers": ["x"]}'.encode("latin-1"))
+    latin1 = '{"id": "b", "question": "Caf\u00e9?", "golden_answers": ["x"]}'.encode("latin-1")  # é is one byte, 0xe9
+    p.write_bytes(GOOD.encode() + b"\n" + latin1)
     with pytest.raises(ValueError, match="qa.jsonl:2: not UTF-8"):
         load_qa(p)
 

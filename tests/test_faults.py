@@ -39,17 +39,15 @@ def taught_dir(tmp_path_factory, tok, responses: list[str], seed: int):
     return M.save_policy(model, tok, tmp_path_factory.mktemp("model"))
 
 
-CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin"}
-
-
 @pytest.fixture(scope="module")
 def questions(tmp_path_factory):
     """A question set whose every answer is Paris or Rome, so the answerer below is right half the time."""
     path = tmp_path_factory.mktemp("questions")
-    qa = [{"id": f"{s}{i}", "question": f"What is the capital of {c}?", "golden_answers": [CAPITALS[c]]}
-          for s, n in (("train", 24), ("dev", 2), ("test", 2)) for i, c in zip(range(n), ["France", "Italy"] * n)]
-    for s in ("train", "dev", "test"):
-        (path / f"{s}.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qa if q["id"].startswith(s)))
+    capitals = [("France", "Paris"), ("Italy", "Rome")]
+    for split, n in (("train", 24), ("dev", 2), ("test", 2)):
+        qa = [{"id": f"{split}{i}", "question": f"What is the capital of {country}?", "golden_answers": [capital]}
+              for i, (country, capital) in enumerate(capitals * (n // 2))]
+        (path / f"{split}.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qa))
     return path
 
 
@@ -57,16 +55,18 @@ def questions(tmp_path_factory):
 def answerer(tmp_path_factory, tok):
     """A tiny model that answers Paris or Rome at random: GRPO groups get mixed rewards, so rounds really train
     (a random model earns 0 and nothing would be trained, making "resumes identically" vacuous)."""
-    return taught_dir(tmp_path_factory, tok, [f"<think> I know. </think>\n<answer> {a} </answer>" for a in ("Paris", "Rome")], 4)
+    answers = [f"<think> I know. </think>\n<answer> {a} </answer>" for a in ("Paris", "Rome")]
+    return taught_dir(tmp_path_factory, tok, answers, seed=4)
 
 
 def args(model, out, rounds=2, *extra):
     return [f"--model={model}", f"--out_dir={out}", f"--rounds={rounds}", *RUN, *extra]
 
 
-def run(model, out, rounds, questions, env=None, *extra):
-    return subprocess.run([sys.executable, str(ROOT / "evolve.py"), *args(model, out, rounds, f"--questions={questions}", *extra)],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+def run(argv: list[str], env=None):
+    """evolve.py in a subprocess: the only way to kill -9 it without killing pytest."""
+    return subprocess.run([sys.executable, str(ROOT / "evolve.py"), *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
 
 
 def strip(rows):  # everything but the wall-clock time; json, so NaN == NaN
@@ -81,57 +81,61 @@ def reference(tmp_path_factory, answerer, questions):
     return out, rows
 
 
-def run_killed(point, model, out, questions):
-    p = run(model, out, 2, questions, {**os.environ, "NANO_E1_CRASH_AT": point})
+def run_killed(point, argv):
+    p = run(argv, {**os.environ, "NANO_E1_CRASH_AT": point})
     assert p.returncode == -signal.SIGKILL, f"{point}: exit {p.returncode}\n{p.stderr[-2000:]}"
 
 
-def test_kill_9_at_every_stage_loses_no_finished_round_and_resumes_to_identical_results(tmp_path, answerer, questions, reference):
+def test_kill_9_at_every_stage_loses_no_finished_round_and_resumes_to_identical_results(
+        tmp_path, answerer, questions, reference):
     ref_out, ref_rows = reference
     out = tmp_path / "run"
+    argv = args(answerer, out, 2, f"--questions={questions}")
+    weights = lambda folder, r: load_file(folder / f"round_{r}" / "model.safetensors")
     # (kill point, rounds finished at the kill, lines in metrics.jsonl at the kill)
     for point, finished, lines in [("rollouts:1", [0], 1),   # round 1: GRPO rollouts done, no update yet
                                    ("trained:1", [0], 1),    # round 1: GRPO and distillation updates done
                                    ("save:1", [0], 1),       # round 1's temp folder written, not renamed
                                    ("saved:1", [0, 1], 1),   # renamed, metrics.jsonl not yet rebuilt
                                    ("rollouts:2", [0, 1], 2)]:  # resumed from round_1, killed in round 2
-        run_killed(point, answerer, out, questions)
+        run_killed(point, argv)
         assert sorted(p.name for p in out.glob("round_*")) == [f"round_{r}" for r in finished], point
         for r in finished:  # intact: loads, and equals the uninterrupted run's round
-            assert load_file(out / f"round_{r}" / "model.safetensors").keys() == \
-                load_file(ref_out / f"round_{r}" / "model.safetensors").keys()
-            assert strip([json.loads((out / f"round_{r}" / "metrics.json").read_text())]) == strip(ref_rows[r:r + 1])
+            assert weights(out, r).keys() == weights(ref_out, r).keys()
+            assert strip([json.loads((out / f"round_{r}" / "metrics.json").read_text())]) == strip([ref_rows[r]])
         assert len((out / "metrics.jsonl").read_text().splitlines()) == lines, point
         if point == "save:1":  # a half-written round must never be loaded: make loading it fail loudly
             assert (out / ".round_1.tmp" / "model.safetensors").exists()
             (out / ".round_1.tmp" / "model.safetensors").write_bytes(b"")
-    rows = evolve.main(args(answerer, out, 2, f"--questions={questions}"))
+    rows = evolve.main(argv)
     assert strip(rows) == strip(ref_rows)
     assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
     assert not list(out.glob(".*tmp"))
     for r in (0, 1, 2):
-        got, want = load_file(out / f"round_{r}" / "model.safetensors"), load_file(ref_out / f"round_{r}" / "model.safetensors")
+        got, want = weights(out, r), weights(ref_out, r)
         assert all(torch.equal(got[k], want[k]) for k in want), f"round {r} weights differ from the uninterrupted run"
 
 
 @pytest.fixture(scope="module")
 def searcher(tmp_path_factory, tok):
-    return taught_dir(tmp_path_factory, tok, ["<search> capital of france </search>"], 5)
+    """A tiny model that always searches first."""
+    return taught_dir(tmp_path_factory, tok, ["<search> capital of france </search>"], seed=5)
 
 
 def test_retriever_down_with_stop_ends_the_run_clearly_and_keeps_finished_rounds(tmp_path, searcher, questions):
     out = tmp_path / "run"
     evolve.main(args(searcher, out, 0, f"--questions={questions}"))  # round 0 with the local BM25
-    before = (out / "round_0" / "metrics.json").read_text(), (out / "round_0" / "model.safetensors").read_bytes()
+    files = lambda: [(out / "round_0" / name).read_bytes() for name in ("metrics.json", "model.safetensors")]
+    before = files()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}/retrieve"  # closed on exit: connections are refused
-    p = run(searcher, out, 1, questions, None, f"--retriever_url={url}", "--on_search_error=stop")
+    p = run(args(searcher, out, 1, f"--questions={questions}", f"--retriever_url={url}", "--on_search_error=stop"))
     assert p.returncode == 1
     assert f"stopped: retriever {url} failed after 4 attempts" in p.stderr and "rerun the same command" in p.stderr
     assert "Traceback" not in p.stderr
     assert [x.name for x in out.iterdir() if x.name.startswith(("round", ".round"))] == ["round_0"]
-    assert ((out / "round_0" / "metrics.json").read_text(), (out / "round_0" / "model.safetensors").read_bytes()) == before
+    assert files() == before
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 

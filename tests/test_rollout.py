@@ -248,7 +248,8 @@ def test_retriever_http_errors_are_observed_or_stop_the_rollout_as_configured(to
     with serve(bm25, mode="400") as (url, state):
         retriever = HTTPRetriever(url, retries=0)
         [t] = rollout(taught, tok, [QUESTION], retriever, cfg)
-        assert t.observations[0].startswith(f"Search failed: RetrieverError: retriever {url} rejected the request: HTTP 400")
+        assert t.observations[0].startswith(f"Search failed: RetrieverError: retriever {url} rejected the request: "
+                                            "HTTP 400")
         with pytest.raises(RetrieverError, match="HTTP 400"):
             rollout(taught, tok, [QUESTION], retriever, dataclasses.replace(cfg, on_search_error="stop"))
     assert state["requests"] == 2
