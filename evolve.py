@@ -37,13 +37,14 @@ from pathlib import Path
 import torch
 
 import parallel
+from checkpoint import commit, crash_point, finished_rounds, rebuild_metrics
 from data.prepare import QUESTIONS_DIR, ensure_all, load_qa
 from distill import DistillConfig, distill
 from eval import evaluate, exact_match
-from grpo import GRPOConfig, grpo_step
+from grpo import GRPOConfig, TrainingError, check_finite, count_bad_steps, grpo_step
 from model import EMBEDDED, load_policy, save_policy
 from rollout import RolloutConfig, Trajectory, build_prompt, rollout, safe_search
-from search import get_retriever
+from search import RetrieverError, get_retriever
 
 
 @dataclass
@@ -52,9 +53,12 @@ class Config:
     out_dir: str = "runs/evolve"
     seed: int = 0
     corpus: str = ""              # jsonl {id, contents}; "" = the embedded Wikipedia subset
+    questions: str = ""           # folder of train/dev/test.jsonl (data/prepare.py:load_qa); "" = the generated set
     retriever_url: str = ""       # Search-R1 /retrieve endpoint instead of local BM25
     device: str = ""              # "" = cuda if present, else cpu
     rollout_dtype: str = "bfloat16"  # the actor's dtype (see docstring); "float32" to roll out in fp32
+    on_search_error: str = "observe"  # observe: the turn reads "Search failed: ..." | stop: the run stops
+    max_bad_steps: int = 3        # stop after this many optimizer steps in a row skipped for a non-finite loss
     # warm-up
     warmup: str = "auto"          # auto (when the probe's reward is 0) | on | off
     warmup_questions: int = 96
@@ -95,7 +99,9 @@ def parse_config(argv: list[str]) -> Config:
     checks = [(cfg.group_size >= 2 or cfg.grpo_steps == 0, "GRPO needs group_size >= 2"),
               (cfg.distill in ("ofsd", "sft", "none"), "distill is ofsd, sft or none"),
               (cfg.warmup in ("auto", "on", "off"), "warmup is auto, on or off"),
-              (cfg.rounds >= 0 and cfg.max_turns >= 1, "rounds >= 0 and max_turns >= 1")]
+              (cfg.rounds >= 0 and cfg.max_turns >= 1, "rounds >= 0 and max_turns >= 1"),
+              (cfg.on_search_error in ("observe", "stop"), "on_search_error is observe or stop"),
+              (cfg.max_bad_steps >= 1, "max_bad_steps >= 1")]
     for ok, msg in checks:
         if not ok:
             sys.exit(f"invalid config: {msg}")
@@ -104,7 +110,7 @@ def parse_config(argv: list[str]) -> Config:
 
 def rollout_cfg(cfg: Config, **kw) -> RolloutConfig:
     keys = ("max_turns", "topk", "max_turn_tokens", "max_obs_tokens", "max_total_tokens", "temperature",
-            "batch_size")
+            "batch_size", "on_search_error")
     return RolloutConfig(**{k: getattr(cfg, k) for k in keys}, **kw)
 
 
@@ -126,7 +132,7 @@ def scripted_traces(tok, questions: list[dict], retriever, rcfg: RolloutConfig) 
         seen = ""
         for i, query in enumerate(queries):
             think = "I need to search for" if i == 0 else "Now I need to search for"
-            docs = safe_search(retriever, [query], rcfg.topk)[0]
+            docs = safe_search(retriever, [query], rcfg.topk, rcfg.on_search_error)[0]
             obs = enc(f"\n\n<information>{docs.strip()}</information>\n\n")[:rcfg.max_obs_tokens]
             seen += tok.decode(obs)
             for ids, m in ((enc(f"<think> {think} {query}. </think>\n<search> {query} </search>"), 1), (obs, 0)):
@@ -164,15 +170,16 @@ def evaluate_round(cfg, actor, tok, dev, test, retriever) -> dict:
 
 
 def save_round(policy, tok, out: Path, r: int, metrics: dict):
-    """Atomic: write into a temp folder, then rename, so a half-written round is never loaded."""
-    final, tmp = out / f"round_{r}", out / f".round_{r}.tmp"
+    """Atomic (checkpoint.py): a temp folder, fsynced and renamed, so a half-written round is never loaded."""
+    check_finite(policy, f"round {r}")
+    tmp = out / f".round_{r}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_policy(policy, tok, tmp)
     (tmp / "metrics.json").write_text(json.dumps(metrics))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
+    crash_point(f"save:{r}")
+    commit(tmp, out / f"round_{r}")
+    crash_point(f"saved:{r}")
+    rebuild_metrics(out)
     plot(out)
 
 
@@ -207,16 +214,18 @@ def main(argv=None):
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     retriever = get_retriever(cfg.corpus or None, cfg.retriever_url or None)
-    splits = {s: load_qa(QUESTIONS_DIR / f"{s}.jsonl") for s in ("train", "dev", "test")}
+    splits = {s: load_qa(Path(cfg.questions or QUESTIONS_DIR) / f"{s}.jsonl") for s in ("train", "dev", "test")}
     gold = {q["id"]: q["golden_answers"] for q in splits["train"]}
     dev, test = splits["dev"][:cfg.eval_questions], splits["test"][:cfg.eval_questions]
     train = list(splits["train"])
     random.Random(cfg.seed).shuffle(train)  # a fixed order: round r always sees the same questions
 
-    done = sorted(int(p.name.split("_")[1]) for p in out.glob("round_*") if (p / "metrics.json").exists())
-    start = done[-1] if done else None
+    # metrics.jsonl may lag a round killed after its rename; only rank 0 rewrites it
+    done = [m["round"] for m in rebuild_metrics(out)] if rank == 0 else finished_rounds(out)
+    start = fresh = done[-1] if done else None
     policy, tok = load_policy(str(out / f"round_{start}") if done else cfg.model, cfg.device or None, "float32")
     policy.train()
+    bad = 0  # optimizer steps skipped in a row (grpo.count_bad_steps)
     actor = copy.deepcopy(policy).to(getattr(torch, cfg.rollout_dtype)).eval()
     sync = lambda: actor.load_state_dict(policy.state_dict())
     cursor = len(splits["train"]) // 4  # the warm-up uses train[:cursor]; rounds draw from the rest
@@ -233,6 +242,7 @@ def main(argv=None):
             n_warm = int(parallel.all_sum(len(traces)))
             stats = distill(policy, tok, traces, DistillConfig(method="sft", lr=cfg.warmup_lr, per_question_cap=1,
                                                                   seed=cfg.seed))
+            bad = count_bad_steps(bad, stats, cfg.max_bad_steps, "warm-up")
             print(f"warm-up: cloned {n_warm} scripted traces, loss {stats['loss']:.3f}")
             sync()
         metrics, _ = evaluate_round(cfg, actor, tok, dev, test, retriever)
@@ -242,7 +252,9 @@ def main(argv=None):
         print("round 0:", json.dumps(metrics))
         start = 0
 
-    ref = copy.deepcopy(actor).eval() if cfg.kl_coef > 0 and cfg.grpo_steps > 0 else None  # frozen, bf16
+    # the frozen reference is round_0 (post-warm-up) in the actor's dtype, also when resuming from a later round
+    ref = None if cfg.kl_coef == 0 or cfg.grpo_steps == 0 else copy.deepcopy(actor) if fresh is None else \
+        load_policy(str(out / "round_0"), cfg.device or None, "float32")[0].to(actor.dtype).eval()
     per_round = cfg.grpo_steps * cfg.grpo_questions + cfg.distill_questions
     for r in range(start + 1, cfg.rounds + 1):
         t0 = time.time()
@@ -257,7 +269,9 @@ def main(argv=None):
             qs = parallel.shard(pool[s * cfg.grpo_questions:(s + 1) * cfg.grpo_questions])
             trajs = sample_trajectories(cfg, actor, tok, qs, retriever, cfg.seed + 100 * r + s, f"r{r} grpo {s + 1}")
             g_rewards.append(reward(trajs, gold))
+            crash_point(f"rollouts:{r}")
             stats = grpo_step(policy, ref, opt, trajs, gcfg, tok.pad_token_id)
+            bad = count_bad_steps(bad, stats, cfg.max_bad_steps, f"round {r} grpo step {s + 1}")
             zero_groups += int(parallel.all_sum(stats["n_zero_groups"]))
             sync()
         # 2) the policy rolls out on its own training questions, then self-distils
@@ -269,8 +283,10 @@ def main(argv=None):
             d_reward = reward(trajs, gold)
             dstats = distill(policy, tok, trajs, DistillConfig(method=cfg.distill, lr=cfg.distill_lr, seed=cfg.seed + r))
             kept = int(parallel.all_sum(dstats["n_pairs"] or dstats["n_kept"]))
+            bad = count_bad_steps(bad, dstats, cfg.max_bad_steps, f"round {r} distill")
             sync()
             show(tok, trajs[::cfg.group_size], cfg.show)
+        crash_point(f"trained:{r}")
         # 3) evaluate and checkpoint
         metrics, records = evaluate_round(cfg, actor, tok, dev, test, retriever)
         all_rewards = g_rewards + ([d_reward] if d_reward == d_reward else [])
@@ -283,7 +299,7 @@ def main(argv=None):
               f"({metrics['seconds']:.0f} s)")
     if rank:
         return None
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    rows = rebuild_metrics(out)
     print(f"\n{'round':>5} {'dev EM':>7} {'test EM':>8} {'reward':>7} {'kept':>5} {'search/q':>8} {'s':>6}")
     for m in rows:
         print(f"{m['round']:>5} {m['dev_em']:>7.3f} {m['test_em']:>8.3f} {m['reward_mean']:>7.3f} "
@@ -293,4 +309,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (RetrieverError, TrainingError) as e:
+        sys.exit(f"stopped: {e}\nfinished rounds are kept in out_dir; rerun the same command to resume")

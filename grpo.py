@@ -19,6 +19,7 @@ process passes its own groups; parallel.py makes the step equal to one process's
 import itertools
 import math
 import random
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,31 @@ def optimizer_step(model, optimizer, loss_value: float, max_grad_norm: float):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return ok, float(norm)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on safely: too many non-finite steps in a row, or non-finite weights to save."""
+
+
+def count_bad_steps(bad: int, stats: dict, limit: int, where: str) -> int:
+    """Consecutive skipped steps after one grpo_step / distill call's stats (its skips count as its last
+    steps: an upper bound). Logs skips; raises TrainingError at limit, so a run that cannot recover stops
+    before it saves anything."""
+    bad = bad + stats["n_skipped"] if stats["steps"] == 0 else stats["n_skipped"]
+    if stats["n_skipped"]:
+        print(f"{where}: skipped {stats['n_skipped']} of {stats['steps'] + stats['n_skipped']} optimizer steps "
+              f"(non-finite loss or gradient); {bad} in a row", file=sys.stderr)
+    if bad >= limit:
+        raise TrainingError(f"{where}: {bad} optimizer steps in a row had a non-finite loss or gradient "
+                            f"(max_bad_steps={limit}); stopping without saving this round")
+    return bad
+
+
+def check_finite(model, where: str):
+    """Refuse to save a poisoned checkpoint."""
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise TrainingError(f"{where}: non-finite weights in {len(bad)} tensors (e.g. {bad[0]}); not saving them")
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -56,6 +56,7 @@ class RolloutConfig:
     top_p: float = 1.0
     batch_size: int = 32           # rows decoded together
     seed: int = 0
+    on_search_error: str = "observe"  # observe: a "Search failed: ..." observation | stop: raise (the run stops)
 
 
 @dataclass
@@ -84,11 +85,14 @@ def build_prompt(tok, question: str, mode: str = "agent", docs: str = "") -> str
     return chat_prompt(tok, templates[mode].format(question=question, docs=docs))
 
 
-def safe_search(retriever, queries: list[str], k: int) -> list[str]:
-    """Rendered results per query; a retriever failure becomes an observation, never a crashed batch."""
+def safe_search(retriever, queries: list[str], k: int, on_error: str = "observe") -> list[str]:
+    """Rendered results per query. A retriever failure becomes an observation, never a crashed batch, unless
+    on_error is "stop": then it is raised, since a run whose every search fails trains on noise."""
     try:
         return [format_docs(docs) for docs in retriever.search(queries, k)]
     except Exception as e:  # noqa: BLE001 - any backend fault is reported to the agent as text
+        if on_error == "stop":
+            raise
         return [f"Search failed: {type(e).__name__}: {str(e)[:200]}\n"] * len(queries)
 
 
@@ -163,7 +167,8 @@ def feed(model, cache: SlotCache, slots: list[int], chunks: list[list[int]], pad
 def rollout(model, tok, questions: list[dict], retriever, cfg: RolloutConfig, progress=None) -> list[Trajectory]:
     """questions: dicts with "id" and "question". Returns len(questions) * G trajectories, grouped by question."""
     gen = torch.Generator(model.device).manual_seed(cfg.seed)  # sampling draws on the model's device
-    docs = safe_search(retriever, [q["question"] for q in questions], cfg.topk) if cfg.mode == "rag" else None
+    docs = (safe_search(retriever, [q["question"] for q in questions], cfg.topk, cfg.on_search_error)
+            if cfg.mode == "rag" else None)
     trajs = []
     for n, q in enumerate(questions):
         ids = tok(build_prompt(tok, q["question"], cfg.mode, docs[n] if docs else ""),
@@ -229,7 +234,8 @@ def _run(model, tok, trajs: list[Trajectory], retriever, cfg: RolloutConfig, gen
                 if progress is not None:
                     progress.update(1)
         if to_search:                                  # one retriever call for every query of this step
-            for s, res in zip(to_search, safe_search(retriever, [slot[s].queries[-1] for s in to_search], cfg.topk)):
+            for s, res in zip(to_search, safe_search(retriever, [slot[s].queries[-1] for s in to_search], cfg.topk,
+                                                            cfg.on_search_error)):
                 slot[s].observations.append(res)
                 observe(s, enc(f"\n\n<information>{res.strip()}</information>\n\n")[:cfg.max_obs_tokens])
         if decoding:                                   # every slot takes part (a view of the cache, no copy)

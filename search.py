@@ -53,13 +53,19 @@ def split_title(contents: str) -> tuple[str, str]:
 
 def load_corpus(path) -> list[dict]:
     """Read a jsonl corpus of {"id", "contents"} objects. Blank lines are skipped. A missing "id"
-    becomes the record's 0-based position in the returned list, as a string."""
+    becomes the record's 0-based position in the returned list, as a string. Every problem (bytes that
+    are not UTF-8, invalid JSON, no string "contents", a duplicate id, no documents at all) is a
+    ValueError naming the file and line."""
     docs, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes: a bad byte is then reported with its line, like every other error
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"  # every error names the file and the 1-based line
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"  # every error names the file and the 1-based line
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:

@@ -119,10 +119,19 @@ GOOD = '{"id": "a", "question": "q?", "golden_answers": ["x"]}'
     ('{"id": "b", "question": "q?", "golden_answers": "x"}', 2, "not a list"),
     ('{"id": "b", "question": "q?", "golden_answers": ["x", 3]}', 2, "non-string"),
     ('{"id": "a", "question": "q?", "golden_answers": ["x"]}', 2, "duplicate id 'a' .*line 1"),
+    ('["q?", ["x"]]', 2, "expected a JSON object, got list"),
 ])
 def test_load_qa_errors_name_file_and_line(tmp_path, bad, line, what):
     p = _write(tmp_path, [GOOD, bad])
     with pytest.raises(ValueError, match=f"qa.jsonl:{line}: .*{what}"):
+        load_qa(p)
+
+
+def test_load_qa_names_file_and_line_of_bytes_that_are_not_utf8(tmp_path):
+    p = tmp_path / "qa.jsonl"
+    latin1 = '{"id": "b", "question": "Caf\u00e9?", "golden_answers": ["x"]}'.encode("latin-1")  # é is one byte, 0xe9
+    p.write_bytes(GOOD.encode() + b"\n" + latin1)
+    with pytest.raises(ValueError, match="qa.jsonl:2: not UTF-8"):
         load_qa(p)
 
 

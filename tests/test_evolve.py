@@ -18,11 +18,28 @@ def tiny_dir(tmp_path_factory, tok):
     return path
 
 
-def test_config_rejects_unknown_keys_bad_types_and_impossible_values():
-    assert evolve.parse_config(["--rounds=2", "--distill=sft"]).rounds == 2
-    for bad in (["--nope=1"], ["--rounds=two"], ["--group_size=1"], ["--distill=magic"], ["rounds=2"]):
-        with pytest.raises(SystemExit):
-            evolve.parse_config(bad)
+@pytest.mark.parametrize("bad, message", [
+    (["--nope=1"], "bad argument '--nope=1': use --key=value with a key from:\n  model, out_dir, seed, "),
+    (["rounds=2"], "bad argument 'rounds=2'"),
+    (["--rounds=two"], "--rounds needs a int, got 'two'"),
+    (["--grpo_lr=fast"], "--grpo_lr needs a float, got 'fast'"),
+    (["--group_size=1"], "invalid config: GRPO needs group_size >= 2"),
+    (["--distill=magic"], "invalid config: distill is ofsd, sft or none"),
+    (["--on_search_error=retry"], "invalid config: on_search_error is observe or stop"),
+    (["--max_bad_steps=0"], "invalid config: max_bad_steps >= 1"),
+])
+def test_config_rejects_unknown_keys_bad_types_and_impossible_values_at_start_up(bad, message):
+    with pytest.raises(SystemExit) as e:
+        evolve.parse_config(bad)
+    assert str(e.value).startswith(message)
+    if "key from" in message:  # an unknown key lists every valid one
+        assert all(f.name in str(e.value) for f in evolve.dataclasses.fields(evolve.Config))
+
+
+def test_config_accepts_valid_values_and_group_size_1_without_grpo():
+    cfg = evolve.parse_config(["--rounds=2", "--distill=sft", "--on_search_error=stop", "--group_size=1",
+                               "--grpo_steps=0"])
+    assert (cfg.rounds, cfg.distill, cfg.on_search_error, cfg.group_size) == (2, "sft", "stop", 1)
 
 
 def test_scripted_warmup_traces_mask_only_the_policy_part(tok):

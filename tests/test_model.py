@@ -53,3 +53,30 @@ def test_sampling_is_greedy_at_temperature_zero_and_respects_top_p():
     g = torch.Generator().manual_seed(0)
     draws = torch.stack([M.sample(logits, 1.0, top_p=0.5, generator=g) for _ in range(50)])
     assert (draws[:, 0] == 1).all() and (draws[:, 1] == 0).all()  # only the top token holds >= 50% mass
+
+
+def test_checkpoints_load_from_safetensors_only_never_from_pickle(tmp_path, tok):
+    import pytest
+    tiny = M.tiny_model("llama", vocab_size=len(tok))
+    tiny.config.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    torch.save(tiny.state_dict(), tmp_path / "pytorch_model.bin")  # the legacy format: a pickle
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        M.load_policy(str(tmp_path), "cpu")
+
+
+def test_no_code_unpickles_or_trusts_remote_code_by_default():
+    """torch.load only with weights_only=True, no pickle, remote code only when a caller asks for it."""
+    import inspect
+    import re
+    from pathlib import Path
+    root = Path(M.__file__).resolve().parent
+    sources = [p for p in root.rglob("*.py") if not any(part.startswith(".") or part == "cache" for part in p.parts)]
+    assert len(sources) > 10
+    for path in sources:
+        src = path.read_text(encoding="utf-8")
+        for call in re.findall(r"torch\.load\([^)]*\)", src):
+            assert "weights_only=True" in call, f"{path.name}: {call}"
+        assert not re.search(r"^\s*(import|from) (pickle|dill|cloudpickle)\b", src, re.M), path.name
+        assert not re.search(r"trust_remote_code\s*=\s*True", src), path.name
+    assert inspect.signature(M.load_policy).parameters["trust_remote_code"].default is False

@@ -68,7 +68,7 @@ def test_two_processes_on_halves_equal_one_process_on_everything(tmp_path, tok, 
     moved = max(float((alone[k] - start[k]).abs().max()) for k in start)
     assert moved > 1e-3  # the step really moved the weights, far beyond the tolerance below
     for rank in (0, 1):
-        together = torch.load(tmp_path / f"w.{rank}")
+        together = torch.load(tmp_path / f"w.{rank}", weights_only=True)
         for k in alone:
             torch.testing.assert_close(together[k] - start[k], alone[k] - start[k], rtol=1e-4, atol=1e-6)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import model as M
-from rollout import RolloutConfig, SlotCache, Trajectory, build_prompt, feed, last_tag, rollout
+from rollout import RolloutConfig, SlotCache, Trajectory, _act, build_prompt, feed, last_tag, rollout
 from search import Doc
 
 QUESTION = {"id": "q1", "question": "What is the capital of France?", "golden_answers": ["Paris"]}
@@ -43,6 +43,21 @@ def teach(model, ids, steps=150):
     x = torch.tensor([ids])
     for _ in range(steps):
         loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(); loss.backward(); opt.step()
+    model.eval()
+    return loss.item()
+
+
+def teach_responses(model, pairs: list[tuple[list[int], list[int]]], steps=100) -> float:
+    """Teach the tiny model to answer each (prompt, response) pair's prompt with its response. Only the response
+    positions go through the vocabulary-sized head (model.response_logits), so this takes seconds."""
+    prompts, responses = zip(*pairs)
+    ids, attn, mask = M.pack(prompts, responses, [[1] * len(r) for r in responses], 0)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        logp = M.token_logp(M.response_logits(model, ids, attn, mask.shape[1]), ids[:, -mask.shape[1]:])
+        loss = -(logp * mask).sum() / mask.sum()
         opt.zero_grad(); loss.backward(); opt.step()
     model.eval()
     return loss.item()
@@ -156,3 +171,85 @@ def test_every_policy_token_is_the_greedy_choice_given_its_full_recorded_prefix(
     policy = [j for j, m in enumerate(t.loss_mask) if m]
     assert t.turns >= 2 and policy
     assert all(greedy[j - 1].item() == t.token_ids[j] for j in policy)
+
+
+# ----------------------------------------------------------------------------- bad model output
+
+CFG = RolloutConfig(max_turns=2, max_total_tokens=200)
+
+
+def fresh():
+    return Trajectory("q1", QUESTION["question"], [0] * 10, [0] * 10, 10)
+
+
+@pytest.mark.parametrize("text", [
+    "<think> I should look. </think>\n<search> capital of fr",   # unclosed search (cut by max_turn_tokens)
+    "<think> sure </think>\n<answer> Paris",                     # unclosed answer
+    "<search> </search>",                                         # empty query
+    "<search>\n\t</search>",                                      # whitespace-only query
+    "<think> no tags at all",                                     # neither
+])
+def test_unclosed_tags_and_empty_queries_are_counted_invalid_actions(text):
+    t = fresh()
+    assert _act(t, text, CFG) == "invalid"
+    assert t.invalid_actions == 1 and t.queries == [] and t.answer is None and not t.finished
+
+
+def test_a_2000_character_query_is_searched_cut_to_300_characters():
+    t, query = fresh(), ("capital of france " * 120)[:2000]
+    assert _act(t, f"<search> {query} </search>", CFG) == "search"
+    assert t.queries == [query.strip()[:300]] and t.invalid_actions == 0
+
+
+def test_an_answer_before_any_search_ends_the_trajectory_as_answered():
+    t = fresh()
+    assert _act(t, "<think> I know it. </think>\n<answer> Paris </answer>", CFG) == "answer"
+    assert t.answer == "Paris" and t.finished and t.queries == [] and t.turns == 1
+
+
+def test_out_of_turns_ends_without_answer_and_out_of_tokens_is_truncated():
+    t = fresh()
+    t.turns = CFG.max_turns                # the last, search-disabled turn
+    assert _act(t, "<search> more </search>", CFG) == "end" and t.answer is None and not t.truncated
+    t = fresh()
+    t.token_ids += [1] * (CFG.max_total_tokens - 5)  # 5 tokens of room left
+    assert _act(t, "<search> more </search>", CFG) == "end" and t.truncated and t.queries == []
+
+
+def test_a_model_that_only_emits_empty_searches_is_stopped_by_max_turns_and_counted(tok):
+    """A tiny model taught to open with "<search> </search>": no search, no crash, every bad turn counted."""
+    from eval import evaluate
+    enc = lambda s: tok(s, add_special_tokens=False).input_ids
+    model = M.tiny_model("llama", vocab_size=len(tok), seed=3)
+    assert teach_responses(model, [(enc(build_prompt(tok, QUESTION["question"])), enc("<search> </search>"))]) < 0.05
+    retriever = ScriptedRetriever()
+    cfg = RolloutConfig(max_turns=2, max_turn_tokens=20, max_total_tokens=200)
+    metrics, records = evaluate(model, tok, [QUESTION, {**QUESTION, "id": "q2"}], retriever, "agent", cfg)
+    assert retriever.calls == [] and metrics["searches_per_q"] == 0 and metrics["em"] == 0
+    assert metrics["invalid_actions"] == 2 * 2 and metrics["truncated"] == 0  # max_turns invalid turns each
+    assert all(r["turns"] == 3 and r["answer"] is None and not r["finished"] for r in records)
+    assert all(r["response"].startswith("<search> </search>") for r in records)
+
+
+def test_a_model_that_never_stops_is_truncated_by_the_token_budget_and_counted(tok, tiny):
+    from eval import evaluate
+    cfg = RolloutConfig(max_turns=4, max_turn_tokens=500, max_total_tokens=60)
+    metrics, records = evaluate(tiny, tok, [QUESTION, {**QUESTION, "id": "q2"}], ScriptedRetriever(), "agent", cfg)
+    assert metrics["truncated"] == 2 and metrics["answered"] == 0
+    assert all(r["generated_tokens"] <= cfg.max_total_tokens and r["turns"] == 1 for r in records)
+
+
+def test_retriever_http_errors_are_observed_or_stop_the_rollout_as_configured(tok, taught):
+    """Against a real local server (tests/test_search.py) that rejects every request."""
+    from search import BM25, HTTPRetriever, RetrieverError
+    from test_search import serve
+    bm25 = BM25([{"id": "7", "contents": '"Paris"\nParis is the capital of France.'}])
+    cfg = RolloutConfig(temperature=0, max_turns=2)
+    with serve(bm25, mode="400") as (url, state):
+        retriever = HTTPRetriever(url, retries=0)
+        [t] = rollout(taught, tok, [QUESTION], retriever, cfg)
+        assert t.observations[0].startswith(f"Search failed: RetrieverError: retriever {url} rejected the request: "
+                                            "HTTP 400")
+        with pytest.raises(RetrieverError, match="HTTP 400"):
+            rollout(taught, tok, [QUESTION], retriever, dataclasses.replace(cfg, on_search_error="stop"))
+    assert state["requests"] == 2

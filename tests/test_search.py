@@ -151,6 +151,21 @@ def test_load_corpus_missing_contents_names_file_and_line(tmp_path):
         load_corpus(p)
 
 
+def test_load_corpus_non_object_line_and_non_string_contents_name_file_and_line(tmp_path):
+    for bad in ('"just a string"', '{"id": "b", "contents": 7}'):
+        p = tmp_path / "c.jsonl"
+        p.write_text('{"id": "a", "contents": "x"}\n\n' + bad + "\n")
+        with pytest.raises(ValueError, match=rf'{re.escape(str(p))}:3: expected an object with a string "contents"'):
+            load_corpus(p)
+
+
+def test_load_corpus_names_file_and_line_of_bytes_that_are_not_utf8(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_bytes(b'{"id": "a", "contents": "x"}\n{"id": "b", "contents": "Caf\xe9"}\n')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(p))}:2: not UTF-8"):
+        load_corpus(p)
+
+
 def test_load_corpus_empty_file_errors(tmp_path):
     p = tmp_path / "c.jsonl"
     p.write_text("\n")
