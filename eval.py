@@ -72,17 +72,19 @@ def evaluate(model, tok, questions: list[dict], retriever, mode: str = "agent", 
     t0 = time.time()
     with tqdm(total=len(questions), desc=desc or mode, unit="q", leave=False, disable=None) as bar:
         trajs = rollout(model, tok, questions, retriever, cfg, progress=bar)
-    seconds = time.time() - t0
     records = [readable(t, q["golden_answers"], tok) for t, q in zip(trajs, questions)]
-    n = len(records)
-    d = max(n, 1)  # no questions (a torchrun process with an empty shard): zeros
-    metrics = {"n": n, "em": sum(r["em"] for r in records) / d, "f1": sum(r["f1"] for r in records) / d,
-               "searches_per_q": sum(len(t.queries) for t in trajs) / d,
-               "gen_tokens_per_q": sum(t.n_generated for t in trajs) / d,
-               "answered": sum(t.answer is not None for t in trajs) / d,
-               "invalid_actions": sum(t.invalid_actions for t in trajs), "truncated": sum(t.truncated for t in trajs),
-               "seconds": round(seconds, 1)}
-    return metrics, records
+    return summarize(records, time.time() - t0), records
+
+
+def summarize(records: list[dict], seconds: float = 0.0) -> dict:
+    """The metrics of a list of readable() records (no records, e.g. a torchrun process's empty shard: zeros)."""
+    n, d = len(records), max(len(records), 1)
+    return {"n": n, "em": sum(r["em"] for r in records) / d, "f1": sum(r["f1"] for r in records) / d,
+            "searches_per_q": sum(len(r["searches"]) for r in records) / d,
+            "gen_tokens_per_q": sum(r["generated_tokens"] for r in records) / d,
+            "answered": sum(r["answer"] is not None for r in records) / d,
+            "invalid_actions": sum(r["invalid_actions"] for r in records),
+            "truncated": sum(r["truncated"] for r in records), "seconds": round(seconds, 1)}
 
 
 def rule_agent(questions: list[dict], retriever) -> tuple[dict, list[dict]]:

@@ -42,18 +42,6 @@ def test_config_accepts_valid_values_and_group_size_1_without_grpo():
     assert (cfg.rounds, cfg.distill, cfg.on_search_error, cfg.group_size) == (2, "sft", "stop", 1)
 
 
-def test_scripted_warmup_traces_mask_only_the_policy_part(tok):
-    from data.prepare import QUESTIONS_DIR, load_qa
-    from search import get_retriever
-    qs = load_qa(QUESTIONS_DIR / "train.jsonl", limit=20)
-    traces = evolve.scripted_traces(tok, qs, get_retriever(), evolve.rollout_cfg(evolve.Config()))
-    assert traces, "some training answers must be readable in the retrieved documents"
-    for t in traces:
-        policy_text = tok.decode([i for i, m in zip(t.token_ids, t.loss_mask) if m])
-        assert "<information>" not in policy_text and f"<answer> {t.answer} </answer>" in policy_text
-        assert t.reward == 1.0 and t.queries
-
-
 def test_evolve_runs_end_to_end_saves_rounds_and_resumes(tmp_path, tiny_dir, capsys):
     out = tmp_path / "run"
     rows = evolve.main([f"--model={tiny_dir}", f"--out_dir={out}", "--rollout_dtype=float32", *TINY_RUN])
