@@ -22,11 +22,12 @@ import evolve
 
 def variants(cfg: evolve.Config) -> dict[str, list[str]]:
     per_round = cfg.grpo_steps * cfg.grpo_questions + cfg.distill_questions  # the budget every variant gets
-    grpo_steps = max(1, round(per_round / cfg.grpo_questions))
+    steps = max(1, round(per_round / cfg.grpo_questions))  # GRPO alone: as many steps, of the same size or so
     return {"grpo+ofsd": ["--distill=ofsd"],
             "sft": ["--grpo_steps=0", "--distill=sft", f"--distill_questions={per_round}"],
             "ofsd": ["--grpo_steps=0", "--distill=ofsd", f"--distill_questions={per_round}"],
-            "grpo": [f"--grpo_steps={grpo_steps}", "--distill=none", "--distill_questions=0"]}
+            "grpo": [f"--grpo_steps={steps}", f"--grpo_questions={-(-per_round // steps)}", "--distill=none",
+                     "--distill_questions=0"]}
 
 
 def main(argv=None):

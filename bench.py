@@ -112,7 +112,7 @@ def main():
     # The naive loop runs one row at a time, so its tok/s does not depend on how many rows it is given: it runs
     # a few. rollout.py runs a round-sized batch (continuous batching only pays off with many rows).
     # quick shrinks the budget too (one search then the last turn), else the naive loop alone takes minutes.
-    n_naive, n_questions, G = (2, 8, 2) if quick else (4, 24, 2)
+    n_naive, n_questions, G = (2, 8, 2) if quick else (4, 16, 2)
     cfg = RolloutConfig(group_size=G, temperature=0.0, seed=0, batch_size=48,
                         **(dict(max_turns=1, max_turn_tokens=64, max_total_tokens=320) if quick else {}))
     questions = train[:n_questions]

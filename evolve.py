@@ -62,7 +62,7 @@ class Config:
     warmup_questions: int = 96
     warmup_lr: float = 2e-4
     # rounds
-    rounds: int = 2
+    rounds: int = 3
     grpo_steps: int = 1           # GRPO steps per round (0 = self-distillation only)
     grpo_questions: int = 16      # questions per GRPO step
     group_size: int = 4           # G: Search-R1 / Search-E1 use 5; 4 keeps a CPU round short
@@ -249,6 +249,7 @@ def main(argv=None):
             bad = count_bad_steps(bad, stats, cfg.max_bad_steps, f"round {r} grpo step {s + 1}")
             zero_groups += int(parallel.all_sum(stats["n_zero_groups"]))
             sync()
+        del opt  # its AdamW moments (2x the weights) must not sit beside distill()'s own
         # 2) the policy rolls out on its own training questions, then self-distils
         qs = parallel.shard(pool[cfg.grpo_steps * cfg.grpo_questions:])
         kept = 0

@@ -49,12 +49,12 @@ class RolloutConfig:
     group_size: int = 1            # G samples per question (GRPO's group)
     max_turns: int = 4             # searches allowed; then one last turn with search disabled
     topk: int = 3
-    max_turn_tokens: int = 160     # per generation turn
-    max_obs_tokens: int = 320      # an <information> block is cut to this many tokens (Search-R1 does too)
-    max_total_tokens: int = 1024   # generated + observation tokens per trajectory
+    max_turn_tokens: int = 96      # per generation turn
+    max_obs_tokens: int = 256      # an <information> block is cut to this many tokens (Search-R1 does too)
+    max_total_tokens: int = 640    # generated + observation tokens per trajectory
     temperature: float = 1.0       # 0 = greedy
     top_p: float = 1.0
-    batch_size: int = 32           # rows decoded together
+    batch_size: int = 64           # slots decoded together (continuous batching)
     seed: int = 0
     on_search_error: str = "observe"  # observe: a "Search failed: ..." observation | stop: raise (the run stops)
 
@@ -116,8 +116,8 @@ class SlotCache:
 
     def update(self, key, value, layer: int, **_):
         rows, T = self.rows, key.shape[2]
-        if layer not in self.k or self.k[layer].shape[2] < self.length:  # amortised growth, never per step
-            cap = max(2 * self.length, 256)
+        if layer not in self.k or self.k[layer].shape[2] < self.length:  # grows in steps of 256, not per token
+            cap = -(-self.length // 256) * 256     # no doubling: 64 slots x 30 layers of slack is gigabytes
             for store, new in ((self.k, key), (self.v, value)):
                 old = store.get(layer)
                 grown = new.new_zeros(len(self.n), new.shape[1], cap, new.shape[3])
