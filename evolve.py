@@ -178,8 +178,19 @@ def show(tok, trajs, n):
         print(f"  Q: {t.question}\n  -> queries {t.queries} answer {t.answer!r} reward {t.reward}")
 
 
+def release_freed_memory():
+    """glibc keeps freed tensors in its heap, so RSS only grows across rollouts and training steps; a fixed 1 MB
+    mmap threshold hands every large tensor back to the OS when it is freed. Linux/glibc only; harmless elsewhere."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    release_freed_memory()
     rank, _ = parallel.init()
     if rank:  # every process computes; only rank 0 reports
         sys.stdout = open(os.devnull, "w")
