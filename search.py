@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data.prepare import read_jsonl
+
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "data/cache/corpus.jsonl"
 
 
@@ -57,26 +59,14 @@ def load_corpus(path) -> list[dict]:
     are not UTF-8, invalid JSON, no string "contents", a duplicate id, no documents at all) is a
     ValueError naming the file and line."""
     docs, seen = [], {}
-    with open(path, "rb") as f:  # bytes: a bad byte is then reported with its line, like every other error
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"  # every error names the file and the 1-based line
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg}); expected one object a line") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("contents"), str):
-                raise ValueError(f'{where}: expected an object with a string "contents" field, got {line.strip()[:80]!r}')
-            obj["id"] = str(obj.get("id", len(docs)))
-            if obj["id"] in seen:
-                raise ValueError(f"{where}: duplicate id {obj['id']!r} (first seen at line {seen[obj['id']]})")
-            seen[obj["id"]] = lineno
-            docs.append(obj)
+    for lineno, where, obj in read_jsonl(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("contents"), str):
+            raise ValueError(f'{where}: expected an object with a string "contents" field, got {json.dumps(obj)[:80]!r}')
+        obj["id"] = str(obj.get("id", len(docs)))
+        if obj["id"] in seen:
+            raise ValueError(f"{where}: duplicate id {obj['id']!r} (first seen at line {seen[obj['id']]})")
+        seen[obj["id"]] = lineno
+        docs.append(obj)
     if not docs:
         raise ValueError(f'{path}: empty corpus; expected jsonl lines like {{"id": "0", "contents": "\\"Title\\"\\ntext"}}')
     return docs

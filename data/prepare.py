@@ -176,6 +176,24 @@ def ensure_all() -> dict:
 
 # ----------------------------------------------------------------------------- loader
 
+def read_jsonl(path):
+    """(line number, "file:line", parsed value) for each non-blank line. Bytes that are not UTF-8 and invalid
+    JSON are ValueErrors naming file:line, like every check the callers (load_qa, search.load_corpus) add."""
+    with open(path, "rb") as f:  # bytes: a bad byte is then reported with its line, like every other error
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                yield lineno, where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg}); expected one JSON object a line") from None
+
+
 def load_qa(path, limit: int | None = None) -> list[dict]:
     """Read a FlashRAG QA jsonl: one {"id", "question", "golden_answers": [str, ...]} object a line.
 
@@ -186,39 +204,27 @@ def load_qa(path, limit: int | None = None) -> list[dict]:
     (e.g. "kind") are kept. limit: stop after that many records.
     """
     rows, seen = [], {}
-    with open(path, "rb") as f:  # bytes: a bad byte is then reported with its line, like every other error
-        for lineno, raw in enumerate(f, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg}); expected one JSON object a line") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            q = obj.get("question")
-            if not isinstance(q, str) or not q.strip():
-                raise ValueError(f'{where}: missing or empty "question"; expected a non-empty string')
-            g = obj.get("golden_answers")
-            if not isinstance(g, list):
-                what = "missing" if g is None else f"a {type(g).__name__}, not a list"
-                raise ValueError(f'{where}: "golden_answers" is {what}; expected a non-empty list of strings')
-            if not g:
-                raise ValueError(f'{where}: "golden_answers" is an empty list; expected at least one answer')
-            if not all(isinstance(a, str) and a.strip() for a in g):
-                raise ValueError(f'{where}: "golden_answers" has a non-string or empty entry; expected strings')
-            obj["id"] = str(obj.get("id", lineno))
-            if obj["id"] in seen:
-                raise ValueError(f"{where}: duplicate id {obj['id']!r} (first at line {seen[obj['id']]})")
-            seen[obj["id"]] = lineno
-            rows.append(obj)
+    for lineno, where, obj in read_jsonl(path):
+        if limit is not None and len(rows) >= limit:
+            break
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        q = obj.get("question")
+        if not isinstance(q, str) or not q.strip():
+            raise ValueError(f'{where}: missing or empty "question"; expected a non-empty string')
+        g = obj.get("golden_answers")
+        if not isinstance(g, list):
+            what = "missing" if g is None else f"a {type(g).__name__}, not a list"
+            raise ValueError(f'{where}: "golden_answers" is {what}; expected a non-empty list of strings')
+        if not g:
+            raise ValueError(f'{where}: "golden_answers" is an empty list; expected at least one answer')
+        if not all(isinstance(a, str) and a.strip() for a in g):
+            raise ValueError(f'{where}: "golden_answers" has a non-string or empty entry; expected strings')
+        obj["id"] = str(obj.get("id", lineno))
+        if obj["id"] in seen:
+            raise ValueError(f"{where}: duplicate id {obj['id']!r} (first at line {seen[obj['id']]})")
+        seen[obj["id"]] = lineno
+        rows.append(obj)
     if not rows:
         raise ValueError(f'{path}:1: empty file; expected jsonl lines like {{"id": "q0", "question": "...", '
                          f'"golden_answers": ["..."]}}')
