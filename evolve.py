@@ -21,6 +21,7 @@ CPU precision: the trainable policy keeps fp32 weights (updates of 1e-5 vanish i
 under bf16 autocast; rollouts run on a bf16 copy (the "actor"), re-synced after every update.
 """
 import copy
+import ctypes
 import dataclasses
 import json
 import os
@@ -173,16 +174,10 @@ def plot(out: Path):
     fig.tight_layout(); fig.savefig(out / "em_by_round.png", dpi=120); plt.close(fig)
 
 
-def show(tok, trajs, n):
-    for t in trajs[:n]:
-        print(f"  Q: {t.question}\n  -> queries {t.queries} answer {t.answer!r} reward {t.reward}")
-
-
 def release_freed_memory():
-    """glibc keeps freed tensors in its heap, so RSS only grows across rollouts and training steps; a fixed 1 MB
-    mmap threshold hands every large tensor back to the OS when it is freed. Linux/glibc only; harmless elsewhere."""
+    """glibc keeps freed tensors in its heap, so RSS only grows across rounds; a fixed 1 MB mmap threshold hands
+    every large tensor back to the OS when it is freed (Linux/glibc only; elsewhere a no-op)."""
     try:
-        import ctypes
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
@@ -272,7 +267,8 @@ def main(argv=None):
             kept = int(parallel.all_sum(dstats["n_pairs"] or dstats["n_kept"]))
             bad = count_bad_steps(bad, dstats, cfg.max_bad_steps, f"round {r} distill")
             sync()
-            show(tok, trajs[::cfg.group_size], cfg.show)
+            for t in trajs[::cfg.group_size][:cfg.show]:  # a few, so a student sees the agent change
+                print(f"  Q: {t.question}\n  -> queries {t.queries} answer {t.answer!r} reward {t.reward}")
         crash_point(f"trained:{r}")
         # 3) evaluate and checkpoint
         metrics, records = evaluate_round(cfg, actor, tok, dev, test, retriever)
