@@ -2,6 +2,7 @@
 import ablate
 import evolve
 import model as M
+from data.prepare import QUESTIONS_DIR
 from test_evolve import TINY_RUN
 
 
@@ -15,14 +16,20 @@ def test_variants_share_the_question_budget_of_the_default_split():
 
 
 def test_ablation_builds_round_0_once_and_prints_one_row_per_variant(tmp_path, tok, capsys):
-    tiny = tmp_path / "tiny"
+    tiny, qdir = tmp_path / "tiny", tmp_path / "questions"
     M.save_policy(M.tiny_model("llama", vocab_size=len(tok)), tok, tiny)
-    rows = ablate.main([f"--model={tiny}", f"--out_dir={tmp_path / 'abl'}", "--rollout_dtype=float32", *TINY_RUN])
+    qdir.mkdir()
+    for split, n in (("train", 200), ("dev", 4), ("test", 6)):  # a small test split: it is evaluated whole
+        lines = (QUESTIONS_DIR / f"{split}.jsonl").read_text().splitlines()[:n]
+        (qdir / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    rows = ablate.main([f"--model={tiny}", f"--out_dir={tmp_path / 'abl'}", "--rollout_dtype=float32",
+                        f"--questions={qdir}", *TINY_RUN])
     assert list(rows) == ["grpo+ofsd", "sft", "ofsd", "grpo"]
     base = (tmp_path / "abl" / "grpo_ofsd" / "round_0" / "model.safetensors").read_bytes()
     for name, metrics in rows.items():
         assert [m["round"] for m in metrics] == [0, 1]
         round0 = tmp_path / "abl" / name.replace("+", "_") / "round_0" / "model.safetensors"
         assert round0.read_bytes() == base  # the same start for every variant
+        assert (round0.parent.parent / "round_1" / "test_all.json").exists()  # the whole test split, cached
     table = (tmp_path / "abl" / "ablation.md").read_text()
     assert table.count("\n") == 7 and "warm-up only" in table and table in capsys.readouterr().out + "\n"
