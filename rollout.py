@@ -190,10 +190,12 @@ def _run(model, tok, trajs: list[Trajectory], retriever, cfg: RolloutConfig, gen
     slot = [None] * S                                  # the trajectory in each slot
     pending, turn, logits = [None] * S, [None] * S, [None] * S
     enc = lambda s: tok(s, add_special_tokens=False).input_ids
+    invalid_ids, last_turn_ids = enc(INVALID), enc(LAST_TURN)  # constants: tokenized once, not once a turn
+
     def observe(s: int, ids: list[int]):             # tokens the policy did not write, then its next turn
         t = slot[s]
         if t.turns == cfg.max_turns:                   # the next turn is the last: search is disabled there
-            ids = ids + enc(LAST_TURN)
+            ids = ids + last_turn_ids
         ids = ids[:cfg.max_total_tokens - (len(t.token_ids) - t.prompt_len) - 8]  # room left to answer in
         t.token_ids += ids; t.loss_mask += [0] * len(ids)
         pending[s], turn[s] = [turn[s][-1]] + ids, []  # the turn's last token is not in the cache yet
@@ -228,7 +230,7 @@ def _run(model, tok, trajs: list[Trajectory], retriever, cfg: RolloutConfig, gen
             if action == "search":
                 to_search.append(s)
             elif action == "invalid":
-                observe(s, enc(INVALID))
+                observe(s, invalid_ids)
             else:                                      # answered, or out of turns or tokens: free the slot
                 slot[s] = None
                 if progress is not None:
