@@ -63,10 +63,20 @@ def args(model, out, rounds=2, *extra):
     return [f"--model={model}", f"--out_dir={out}", f"--rounds={rounds}", *RUN, *extra]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Sampled tokens depend on float rounding, which depends on the thread count: the tiny model's mixed
+    rewards (and in-process vs subprocess equality) hold on any machine only with one fixed count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run(argv: list[str], env=None):
-    """evolve.py in a subprocess: the only way to kill -9 it without killing pytest."""
-    return subprocess.run([sys.executable, str(ROOT / "evolve.py"), *argv], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
+    """evolve.py in a subprocess (the only way to kill -9 it without killing pytest), on one thread too."""
+    return subprocess.run([sys.executable, str(ROOT / "evolve.py"), *argv], cwd=ROOT, capture_output=True,
+                          env={**(env or os.environ), "OMP_NUM_THREADS": "1"}, text=True)
 
 
 def strip(rows):  # everything but the wall-clock time; json, so NaN == NaN
