@@ -48,7 +48,7 @@ class DistillConfig:
     teacher_shows: str = "queries"  # queries | full | none
     kl_topk: int = 0               # 0 = full-vocabulary KL
     batch_size: int = 16           # rows (pairs or kept traces) per optimizer step
-    micro_batch: int = 4           # rows per forward: bounds the (rows x tokens x vocab) logits in memory
+    micro_batch: int = 2           # rows per forward: bounds activation memory (evolve peaks under 6 GB)
     epochs: int = 1
     autocast_bf16: bool = True
     max_grad_norm: float = 1.0
@@ -122,20 +122,20 @@ def ofsd_pairs(tok, trajs: list, cfg: DistillConfig) -> list[Pair]:
 def ofsd_loss(policy, pairs: list[Pair], pad_id: int, topk: int = 0, autocast_bf16: bool = True):
     """(summed token-level KL(teacher || student), token count) over the students' policy-generated tokens.
     pack() puts response token j at column P_T + j in the teacher batch and P_S + j in the student batch,
-    and response_logits returns exactly the positions predicting them, so both (B, R, V) line up."""
+    and response_logits returns exactly the positions predicting them, so both (N, V) line up."""
     _, resp, masks = zip(*(split(p.student) for p in pairs))
     s_ids, s_attn, mask = pack([split(p.student)[0] for p in pairs], resp, masks, pad_id, policy.device)
     t_ids, t_attn, _ = pack([p.teacher_prompt for p in pairs], resp, masks, pad_id, policy.device)
     R, sel = mask.shape[1], mask.bool()    # only the policy's own tokens; no <information>, no padding
     with torch.no_grad(), autocast(policy, autocast_bf16):
-        t_logits = response_logits(policy, t_ids, t_attn, R)[sel].float()
+        t_logits = response_logits(policy, t_ids, t_attn, R, sel).float()
         idx = t_logits.topk(topk, -1).indices if topk else None
         t_logp = (t_logits.gather(-1, idx) if topk else t_logits).log_softmax(-1)  # top-k: renormalised
         t_p = t_logp.exp()
         neg_entropy = (t_p * t_logp).sum(-1)  # constant w.r.t. the student
         del t_logits, t_logp
     with autocast(policy, autocast_bf16):
-        s_logp = response_logits(policy, s_ids, s_attn, R)[sel].float().log_softmax(-1)
+        s_logp = response_logits(policy, s_ids, s_attn, R, sel).float().log_softmax(-1)
     if topk:
         s_logp = s_logp.gather(-1, idx)
     # per token, the same reduction as neg_entropy: identical contexts cancel exactly
@@ -146,10 +146,10 @@ def ofsd_loss(policy, pairs: list[Pair], pad_id: int, topk: int = 0, autocast_bf
 def sft_loss(policy, trajs: list, pad_id: int, autocast_bf16: bool = True):
     """(summed cross-entropy on the trajectories' policy-generated tokens, token count)."""
     ids, attn, mask = pack(*zip(*map(split, trajs)), pad_id, policy.device)
-    R = mask.shape[1]
+    R, keep = mask.shape[1], mask.bool()
     with autocast(policy, autocast_bf16):
-        logits = response_logits(policy, ids, attn, R)
-    return -(token_logp(logits, ids[:, -R:]) * mask).sum(), int(mask.sum())
+        logits = response_logits(policy, ids, attn, R, keep)
+    return -token_logp(logits, ids[:, -R:][keep]).sum(), int(mask.sum())
 
 
 def distill(policy, tok, trajs: list, cfg: DistillConfig | None = None, optimizer=None) -> dict:

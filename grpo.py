@@ -35,7 +35,7 @@ class GRPOConfig:
     kl_coef: float = 0.001      # k3 KL to the frozen reference; 0 (or ref=None) = no reference forward at all
     ppo_epochs: int = 1
     minibatch: int = 0          # trajectories per optimizer step; 0 = all trained trajectories in one step
-    micro_batch: int = 4        # rows per forward; gradients accumulate across micro-batches
+    micro_batch: int = 2        # rows per forward; gradients accumulate across micro-batches (bounds memory)
     autocast_bf16: bool = True  # forward under bf16 autocast, weights (and the optimizer) stay fp32
     max_grad_norm: float = 1.0  # 0 = no clipping
     adv_eps: float = 1e-6
@@ -105,11 +105,12 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def _logp(model, rows, pad_id, cfg):
+    """(B, R) log-probs of the rows' response tokens, 0 off the loss mask (only policy tokens need the head)."""
     ids, attn, mask = pack(*zip(*map(split, rows)), pad_id, model.device)
-    R = mask.shape[1]
+    R, keep = mask.shape[1], mask.bool()
     with autocast(model, cfg.autocast_bf16):
-        logits = response_logits(model, ids, attn, R)
-    return token_logp(logits, ids[:, -R:]), mask
+        logits = response_logits(model, ids, attn, R, keep)
+    return mask.masked_scatter(keep, token_logp(logits, ids[:, -R:][keep])), mask
 
 
 def _fill(vals, like):

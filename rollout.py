@@ -12,7 +12,8 @@ Why the decode loop is shaped as it is (CPU throughput; see bench.py). A decode 
 - continuous batching: each trajectory owns a slot of one KV cache (SlotCache) with its own length, so a
   slot that ends a turn is prefilled with its <information> while the others keep decoding, and a finished
   slot takes the next trajectory at once; nobody waits for the slowest row of a turn or of a batch;
-- the context is never re-encoded: prompts and observations are appended to the slot's cache;
+- the context is never re-encoded: prompts and observations are appended to the slot's cache, and the G
+  siblings of a question prefill their shared prompt once (the others copy its keys and values);
 - decode steps feed every slot (a view of the cache, no copy); only the few slots being prefilled are copied;
 - stop strings are detected on token ids; text is decoded only for tokens that contain '>'.
 """
@@ -132,6 +133,13 @@ class SlotCache:
             return K[:, :, :self.length], V[:, :, :self.length]
         return K[rows, :, :self.length], V[rows, :, :self.length]  # a prefill of a few slots: a small copy
 
+    def copy(self, src: int, dst: int, m: int):
+        """Slot dst starts as src's first m tokens: siblings share their prompt's keys and values."""
+        for store in (self.k, self.v):
+            for t in store.values():
+                t[dst, :, :m] = t[src, :, :m]
+        self.n[dst] = m
+
     def get_seq_length(self) -> int:
         return int(self.n.max())
 
@@ -203,8 +211,13 @@ def _run(model, tok, trajs: list[Trajectory], retriever, cfg: RolloutConfig, gen
     while True:
         for s in range(S):                             # admit: a free slot takes the next trajectory
             if slot[s] is None and waiting:
-                slot[s], turn[s], cache.n[s] = waiting.pop(), [], 0
-                pending[s] = list(slot[s].token_ids)
+                t = slot[s] = waiting.pop()
+                turn[s], cache.n[s], pending[s] = [], 0, list(t.token_ids)
+                d = next((d for d in range(S) if slot[d] is not None and cache.n[d] >= t.prompt_len
+                          and slot[d].token_ids[:t.prompt_len] == t.token_ids[:t.prompt_len]), None)
+                if d is not None:                      # a running sibling holds this prompt: copy, feed 1 token
+                    cache.copy(d, s, t.prompt_len - 1)
+                    pending[s] = t.token_ids[-1:]
         running = [s for s in range(S) if slot[s] is not None]
         if not running:
             break
@@ -213,9 +226,19 @@ def _run(model, tok, trajs: list[Trajectory], retriever, cfg: RolloutConfig, gen
             slot, pending, turn, logits = ([x[s] for s in running] for x in (slot, pending, turn, logits))
             S, running = len(running), list(range(len(running)))
         pre = [s for s in running if pending[s]]
-        if pre:
-            for s, lg in zip(pre, feed(model, cache, pre, [pending[s] for s in pre], pad)):
+        if pre:                                        # siblings admitted together: prefill their prompt once
+            first = {}
+            for s in pre:
+                if cache.n[s] == 0:
+                    first.setdefault(tuple(pending[s]), s)
+            own = [s for s in pre if cache.n[s] > 0 or first[tuple(pending[s])] == s]
+            for s, lg in zip(own, feed(model, cache, own, [pending[s] for s in own], pad)):
                 logits[s], pending[s] = lg, None
+            for s in pre:
+                if pending[s]:                         # same keys, values and next-token logits as its sibling
+                    d = first[tuple(pending[s])]
+                    cache.copy(d, s, len(pending[s]))
+                    logits[s], pending[s] = logits[d], None
         nxt = sample(torch.stack([logits[s] for s in running]), cfg.temperature, cfg.top_p, gen).tolist()
         to_search, decoding = [], set()
         for s, x in zip(running, nxt):

@@ -121,20 +121,20 @@ def test_a_few_ofsd_steps_lower_the_kl(tok, peaked):
     assert stats["epoch_loss"][-1] < 0.5 * stats["epoch_loss"][0]
 
 
-def test_sft_gradient_is_zero_on_logits_whose_target_is_masked(tok, tiny):
+def test_sft_gradient_is_zero_at_positions_whose_target_is_masked(tok, tiny):
     policy = copy.deepcopy(tiny)
     kept = []
 
-    def keep_logits(module, inputs, out):
+    def keep_hidden(module, inputs, out):
         out.retain_grad()
         kept.append(out)
-    policy.get_output_embeddings().register_forward_hook(keep_logits)
+    policy.get_decoder().norm.register_forward_hook(keep_hidden)  # the last hidden state, before the head
     trajs = group(tok)[:2]  # different lengths: right padding in the response too
     loss, n = sft_loss(policy, trajs, tok.pad_token_id, autocast_bf16=False)
     (loss / n).backward()
     _, _, mask = pack([t.token_ids[:t.prompt_len] for t in trajs], [t.token_ids[t.prompt_len:] for t in trajs],
                       [t.loss_mask[t.prompt_len:] for t in trajs], tok.pad_token_id)
-    grad = kept[0].grad[:, :-1].abs().sum(-1)
+    grad = kept[0].grad[:, -mask.shape[1] - 1:-1].abs().sum(-1)
     assert grad.shape == mask.shape and n == int(mask.sum())
     assert (grad[mask == 0] == 0).all() and (grad[mask == 1] > 0).all()
 

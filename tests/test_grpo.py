@@ -52,7 +52,7 @@ def test_group_advantage_hand_example_uses_unbiased_std():
 def test_all_equal_groups_are_counted_and_never_forwarded(tok, tiny):
     policy = copy.deepcopy(tiny)
     calls = []
-    policy.register_forward_hook(lambda *a: calls.append(1))
+    policy.get_decoder().register_forward_hook(lambda *a: calls.append(1))
     trajs = batch(tok, [[1, 1], [0, 0]])
     before = [p.clone() for p in policy.parameters()]
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
@@ -69,24 +69,24 @@ def test_all_equal_groups_are_counted_and_never_forwarded(tok, tiny):
 
 
 def test_masked_tokens_get_zero_gradient_on_their_logits(tok, tiny):
-    """d loss / d logits is exactly 0 at every position whose target token is not the policy's own
-    (<information> tokens, padding), and non-zero where it is."""
+    """d loss / d (last hidden state) is exactly 0 at every position whose target token is not the policy's own
+    (<information> tokens, padding), and non-zero where it is: only policy tokens reach the head."""
     policy, ref = copy.deepcopy(tiny), copy.deepcopy(tiny)
     kept = []
 
-    def keep_logits(module, inputs, out):
+    def keep_hidden(module, inputs, out):
         out.retain_grad()
         kept.append(out)
-    policy.get_output_embeddings().register_forward_hook(keep_logits)
+    policy.get_decoder().norm.register_forward_hook(keep_hidden)
     trajs = batch(tok, [[1, 0]])
     trajs[1].token_ids += trajs[1].token_ids[-3:]; trajs[1].loss_mask += [1, 1, 1]  # rows of different lengths
     opt = torch.optim.SGD(policy.parameters(), lr=0.0)
     cfg = GRPOConfig(kl_coef=0.1, autocast_bf16=False, micro_batch=8)
     grpo_step(policy, ref, opt, trajs, cfg, tok.pad_token_id)
-    [logits] = kept
+    [hidden] = kept
     _, _, mask = pack([t.token_ids[:t.prompt_len] for t in trajs], [t.token_ids[t.prompt_len:] for t in trajs],
                       [t.loss_mask[t.prompt_len:] for t in trajs], tok.pad_token_id)
-    grad = logits.grad[:, :-1].abs().sum(-1)  # (B, R): the position predicting response token j
+    grad = hidden.grad[:, -mask.shape[1] - 1:-1].abs().sum(-1)  # (B, R): the position predicting response token j
     assert mask.shape == grad.shape and (mask == 0).any()
     assert (grad[mask == 0] == 0).all()
     assert (grad[mask == 1] > 0).all()

@@ -1,4 +1,5 @@
 """model.py: loading, saving, prompts, sampling and log-probs; one test runs the real embedded model."""
+import pytest
 import torch
 
 import model as M
@@ -45,6 +46,14 @@ def test_packed_batches_score_each_response_token_as_an_unpadded_forward_would(t
         seq = torch.tensor([p + r])
         ref = torch.log_softmax(tiny(input_ids=seq).logits[0, :-1], -1)[torch.arange(len(seq[0]) - 1), seq[0, 1:]]
         torch.testing.assert_close(logp[i, :len(r)], ref[-len(r):], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_keep_runs_the_head_only_on_kept_positions_with_the_same_logits(tok, arch):
+    m = M.tiny_model(arch, vocab_size=len(tok))
+    ids, attn, loss = M.pack([[5, 6, 7, 8], [9]], [[10, 11], [12, 13, 14]], [[1, 0], [0, 1, 1]], pad_id=0)
+    full = M.response_logits(m, ids, attn, R=3)
+    torch.testing.assert_close(M.response_logits(m, ids, attn, R=3, keep=loss.bool()), full[loss.bool()])
 
 
 def test_sampling_is_greedy_at_temperature_zero_and_respects_top_p():

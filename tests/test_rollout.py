@@ -133,6 +133,40 @@ def test_continuous_batching_gives_the_same_greedy_trajectories_as_one_row_at_a_
     assert which == "tiny" or all(t.queries for t in together)  # the taught model really searched
 
 
+def test_a_slot_copied_from_a_sibling_continues_exactly_like_it(tiny):
+    """SlotCache.copy: a slot that starts from its sibling's cached prompt predicts what the sibling predicts."""
+    prompt = torch.randint(0, 256, (17,)).tolist()
+    cache = SlotCache(2)
+    want = feed(tiny, cache, [0], [prompt], 0)[0]
+    cache.copy(0, 1, len(prompt) - 1)                      # all but the last token, which slot 1 feeds itself
+    torch.testing.assert_close(feed(tiny, cache, [1], [prompt[-1:]], 0)[0], want)
+    both = feed(tiny, cache, [0, 1], [[5], [5]], 0)
+    torch.testing.assert_close(both[0], both[1])
+
+
+class FirstQueryGetsMoreRetriever(ScriptedRetriever):
+    """The first query of each call gets a long result, so that trajectory runs out of tokens and ends first."""
+
+    def search(self, queries, k=3):
+        return [DOCS * 12 if i == 0 else DOCS for i, _ in enumerate(queries)]
+
+
+def test_siblings_prefill_their_shared_prompt_once(tok, taught, monkeypatch):
+    """Four trajectories share one prompt, three slots. The three admitted together prefill it once; the fourth,
+    admitted when the first ends while the others still run, copies a running sibling's keys and values, and
+    then decodes exactly what a trajectory that prefilled the prompt itself decodes."""
+    import rollout as R
+    fed = []
+    monkeypatch.setattr(R, "feed", lambda m, c, slots, chunks, pad: fed.append(chunks) or feed(m, c, slots, chunks, pad))
+    cfg = RolloutConfig(group_size=4, max_turn_tokens=30, max_total_tokens=90, temperature=0, batch_size=3)
+    trajs = rollout(taught, tok, [QUESTION], FirstQueryGetsMoreRetriever(), cfg)
+    prompt = trajs[0].token_ids[:trajs[0].prompt_len]
+    assert sum(c == prompt for chunks in fed for c in chunks) == 1
+    assert trajs[0].truncated and trajs[1].finished        # the long result ended the first one early
+    assert trajs[3].token_ids == trajs[0].token_ids        # searched alone: first in its call, so a long result
+    assert trajs[1].token_ids == trajs[2].token_ids
+
+
 def test_random_model_is_bounded_by_the_token_budget_and_never_answers_from_the_prompt(tok, tiny):
     cfg = RolloutConfig(group_size=3, max_turn_tokens=20, max_total_tokens=50, temperature=1.0)
     trajs = rollout(tiny, tok, [QUESTION, {**QUESTION, "id": "q2"}], ScriptedRetriever(), cfg)
