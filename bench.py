@@ -20,8 +20,8 @@ import torch
 from data.prepare import CORPUS_PATH, QUESTIONS_DIR, ensure_all, load_qa
 from distill import DistillConfig, ofsd_loss, ofsd_pairs, sft_loss
 from model import load_policy
-from rollout import INVALID, LAST_TURN, RolloutConfig, build_prompt, last_tag, rollout, safe_search
-from search import BM25, ReferenceBM25, load_corpus
+from rollout import INVALID, LAST_TURN, RolloutConfig, build_prompt, last_tag, rollout
+from search import BM25, ReferenceBM25, load_corpus, safe_search
 
 
 def say(name, value):

@@ -21,6 +21,10 @@ The paper's code is not public, so the unknowns are options; each default is thi
 - kl_topk: 0 = the full vocabulary; k = the teacher's top-k tokens only, the teacher renormalised over
   them, the student's full-vocabulary log-probs as they are. The sum stays >= 0 but is not 0 when teacher ==
   student: it is then -log(student mass on the top-k), so this option also sharpens the student onto them.
+  k=1 is cross-entropy on the hinted teacher's greedy token at each student position; evolve.py uses it
+  because the full KL collapsed SmolLM2-135M (README, "Why kl_topk=1"): the hinted teacher is a little less
+  sure of the format tokens ('think' after '</'), a small but systematic pull that Adam's per-parameter
+  steps made full-size, and a few steps at lr 3e-5 turned every '</think>' into '</<<<'.
 Also this project's: lr 1e-5, token-mean over each optimizer batch, one optimizer step per batch_size rows.
 """
 import math

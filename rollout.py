@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model import chat_prompt, sample
-from search import format_docs
+from search import safe_search
 
 # Search-R1's instruction, verbatim except for the question slot.
 AGENT_PROMPT = (
@@ -86,29 +86,15 @@ def build_prompt(tok, question: str, mode: str = "agent", docs: str = "") -> str
     return chat_prompt(tok, templates[mode].format(question=question, docs=docs))
 
 
-def safe_search(retriever, queries: list[str], k: int, on_error: str = "observe") -> list[str]:
-    """Rendered results per query. A retriever failure becomes an observation, never a crashed batch, unless
-    on_error is "stop": then it is raised, since a run whose every search fails trains on noise."""
-    try:
-        return [format_docs(docs) for docs in retriever.search(queries, k)]
-    except Exception as e:  # noqa: BLE001 - any backend fault is reported to the agent as text
-        if on_error == "stop":
-            raise
-        return [f"Search failed: {type(e).__name__}: {str(e)[:200]}\n"] * len(queries)
-
-
 def last_tag(text: str, tag: str) -> str | None:
     found = re.findall(rf"<{tag}>(.*?)</{tag}>", text, flags=re.S)
     return found[-1].strip() if found else None
 
 
 class SlotCache:
-    """The batch's KV cache: one slot per running trajectory, each with its own length.
-
-    Slots never wait for each other: a slot that ends a turn gets its <information> prefilled while the others
-    keep decoding, and a finished slot takes the next trajectory at once. Keys/values are written at each
-    slot's own offset, so the cache has no holes and positions are plain cache indices. HF's attention layers
-    only call update(); the 4D mask that feed() passes tells SDPA which entries each slot may see."""
+    """The batch's KV cache: one slot per running trajectory, each with its own length, written at its own
+    offset (no holes: positions are cache indices). HF's attention layers only call update(); the 4D mask
+    that feed() passes tells SDPA which entries each slot may see."""
 
     def __init__(self, n_slots: int):
         self.k, self.v = {}, {}                                  # layer -> (slots, kv_heads, capacity, head_dim)
@@ -259,14 +245,13 @@ def _run(model, tok, trajs: list[Trajectory], retriever, cfg: RolloutConfig, gen
                 if progress is not None:
                     progress.update(1)
         if to_search:                                  # one retriever call for every query of this step
-            for s, res in zip(to_search, safe_search(retriever, [slot[s].queries[-1] for s in to_search], cfg.topk,
-                                                            cfg.on_search_error)):
+            queries = [slot[s].queries[-1] for s in to_search]
+            for s, res in zip(to_search, safe_search(retriever, queries, cfg.topk, cfg.on_search_error)):
                 slot[s].observations.append(res)
                 observe(s, enc(f"\n\n<information>{res.strip()}</information>\n\n")[:cfg.max_obs_tokens])
         if decoding:                                   # every slot takes part (a view of the cache, no copy)
             out = feed(model, cache, list(range(S)), [[turn[s][-1]] if s in decoding else [] for s in range(S)], pad)
-            for s in decoding:
-                logits[s] = out[s]
+            logits = [out[s] if s in decoding else lg for s, lg in enumerate(logits)]
 
 
 def _act(t: Trajectory, text: str, cfg: RolloutConfig) -> str:
@@ -294,12 +279,15 @@ def _act(t: Trajectory, text: str, cfg: RolloutConfig) -> str:
 class _StopDetector:
     """True when a turn's last token completes </search> or </answer>, or is end-of-sequence.
     Only tokens containing '>' can complete a tag, so only they trigger a (short) decode."""
+    HAS_GT = {}                                # id(tokenizer) -> per token id: does its text contain '>'
 
     def __init__(self, tok):
         self.tok = tok
         self.eos = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
                                 tok.convert_tokens_to_ids("<|endoftext|>")) if i is not None and i != tok.unk_token_id}
-        self.has_gt = _has_gt(tok)
+        if id(tok) not in self.HAS_GT:         # built once per tokenizer: decoding 49k tokens takes ~0.2 s
+            self.HAS_GT[id(tok)] = [">" in s for s in tok.batch_decode([[i] for i in range(len(tok))])]
+        self.has_gt = self.HAS_GT[id(tok)]
 
     def __call__(self, turn: list[int]) -> bool:
         last = turn[-1]
@@ -310,11 +298,3 @@ class _StopDetector:
         count = lambda s: s.count("</search>") + s.count("</answer>")
         return count(self.tok.decode(turn[-8:])) > count(self.tok.decode(turn[-8:-1]))
 
-
-_GT_CACHE = {}
-
-
-def _has_gt(tok) -> list[bool]:
-    if id(tok) not in _GT_CACHE:
-        _GT_CACHE[id(tok)] = [">" in s for s in tok.batch_decode([[i] for i in range(len(tok))])]
-    return _GT_CACHE[id(tok)]

@@ -235,6 +235,17 @@ def format_docs(docs: list[Doc]) -> str:
     return "".join(f'Doc {i}(Title: "{d.title}") {d.text}\n' for i, d in enumerate(docs, 1)) or "No results found.\n"
 
 
+def safe_search(retriever, queries: list[str], k: int, on_error: str = "observe") -> list[str]:
+    """Rendered results per query. A retriever failure becomes an observation, never a crashed batch, unless
+    on_error is "stop": then it is raised, since a run whose every search fails trains on noise."""
+    try:
+        return [format_docs(docs) for docs in retriever.search(queries, k)]
+    except Exception as e:  # noqa: BLE001 - any backend fault is reported to the agent as text
+        if on_error == "stop":
+            raise
+        return [f"Search failed: {type(e).__name__}: {str(e)[:200]}\n"] * len(queries)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="query the BM25 index (or a retrieval server)")
     ap.add_argument("query")

@@ -9,7 +9,8 @@ be read in the results. Dev and test answers are never seen. The traces are toke
 would have produced them, so the warm-up trains on the same masks and layout as every later round.
 """
 from eval import exact_match
-from rollout import RolloutConfig, Trajectory, build_prompt, safe_search
+from rollout import RolloutConfig, Trajectory, build_prompt
+from search import safe_search
 
 
 def scripted_traces(tok, questions: list[dict], retriever, rcfg: RolloutConfig) -> list[Trajectory]:

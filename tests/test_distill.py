@@ -99,6 +99,21 @@ def test_topk_kl_renormalises_the_teacher_only(tok, peaked):
     torch.testing.assert_close(kl.detach(), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_topk_one_is_cross_entropy_on_the_privileged_teachers_greedy_token(tok, peaked):
+    """evolve.py's default: at every student position, -log student(the token the hinted teacher ranks first)."""
+    pairs = ofsd_pairs(tok, group(tok), DistillConfig())
+    kl, n = ofsd_loss(peaked, pairs, tok.pad_token_id, topk=1, autocast_bf16=False)
+    s_ids, s_attn, mask = pack(*zip(*(split(p.student) for p in pairs)), tok.pad_token_id)
+    _, resp, masks = zip(*(split(p.student) for p in pairs))
+    t_ids, t_attn, _ = pack([p.teacher_prompt for p in pairs], resp, masks, tok.pad_token_id)
+    keep, R = mask.bool(), mask.shape[1]
+    with torch.no_grad():
+        greedy = response_logits(peaked, t_ids, t_attn, R)[keep].argmax(-1)
+        s_logp = response_logits(peaked, s_ids, s_attn, R)[keep].float().log_softmax(-1)
+    assert n == int(keep.sum())
+    torch.testing.assert_close(kl.detach(), -s_logp.gather(-1, greedy[:, None]).sum(), rtol=1e-4, atol=1e-4)
+
+
 def test_kl_counts_only_the_students_policy_tokens_and_only_the_student_has_gradient(tok, tiny):
     pairs = ofsd_pairs(tok, group(tok), DistillConfig())
     seen = []
@@ -152,3 +167,17 @@ def test_sft_round_trains_on_kept_traces(tok, tiny):
     stats = distill(policy, tok, group(tok), DistillConfig(method="sft", lr=1e-3, epochs=3, progress=False))
     assert stats["n_kept"] == 2 and stats["steps"] == 3
     assert stats["epoch_loss"][-1] < stats["epoch_loss"][0]
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tok, tiny):
+    """evolve.py's --checkpointing recomputes each layer in backward to save memory; the update must not change."""
+    grads = []
+    for on in (False, True):
+        model = copy.deepcopy(tiny).train()
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        loss, _ = sft_loss(model, group(tok), tok.pad_token_id, autocast_bf16=False)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
