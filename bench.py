@@ -82,6 +82,13 @@ def needed_tokens(trajs) -> int:
     return sum(map(len, prompts)) + sum(len(t.token_ids) - t.prompt_len for t in trajs)
 
 
+def attended_pairs(trajs) -> int:
+    """Query-key pairs causal attention scores for needed_tokens: the token at position p sees p + 1 keys."""
+    tri = lambda n: n * (n + 1) // 2
+    prompts = {tuple(t.token_ids[:t.prompt_len]) for t in trajs}
+    return sum(tri(len(p)) for p in prompts) + sum(tri(len(t.token_ids)) - tri(t.prompt_len) for t in trajs)
+
+
 def first_diff(a: list, b: list) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -127,8 +134,12 @@ def main():
     model, tok = load_policy("smollm2", dtype="float32")
     model.eval()
     # forward FLOPs: 2 per weight per token through the layers; the vocabulary-sized head only where a token is
-    # sampled (feed() keeps the last position of a prefill). Attention scores are left out, so MFU is understated.
+    # sampled (feed() keeps the last position of a prefill). Attention is counted apart (attn_flops): the issue's
+    # figure leaves it out, PaLM's MFU counts it (2 FLOPs a multiply-add, QK^T and AV, every head of every layer).
     body = sum(p.numel() for p in model.get_decoder().parameters()) - model.get_input_embeddings().weight.numel()
+    c = model.config
+    attn_flops = lambda trajs: 4 * c.num_hidden_layers * c.num_attention_heads * \
+        getattr(c, "head_dim", c.hidden_size // c.num_attention_heads) * attended_pairs(trajs)
     rollout_flops = lambda needed, generated: 2 * body * needed + 2 * model.get_output_embeddings().weight.numel() * generated
     eos = sorted({i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
                               tok.convert_tokens_to_ids("<|endoftext|>")) if i is not None and i != tok.unk_token_id})
@@ -167,6 +178,8 @@ def main():
     # the issue's first definition: 2 x parameters x generated tokens only
     say("rollout_fraction_of_peak_generated", mfu(rollout_flops(roll_tokens, roll_tokens), t_roll, torch.float32))
     say("rollout_generated_share", f"{roll_tokens / needed:.4f}")
+    say("rollout_fraction_of_peak_with_attention", mfu(rollout_flops(needed, roll_tokens) + attn_flops(trajs), t_roll,
+                                                       torch.float32))
 
     # correctness: every fp32 rollout row against the naive row of its question (whole response: generated
     # and observation tokens, so a protocol difference shows up too)
