@@ -104,7 +104,9 @@ def parse_config(argv: list[str]) -> Config:
               (cfg.on_search_error in ("observe", "stop"), "on_search_error is observe or stop"),
               (cfg.max_bad_steps >= 1, "max_bad_steps >= 1")]
     bad = [msg for ok, msg in checks if not ok]
-    return sys.exit(f"invalid config: {bad[0]}") if bad else cfg
+    if bad:
+        sys.exit(f"invalid config: {bad[0]}")
+    return cfg
 
 
 def rollout_cfg(cfg: Config, **kw) -> RolloutConfig:
@@ -187,7 +189,8 @@ def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     release_freed_memory()
     rank, _ = parallel.init()
-    sys.stdout = open(os.devnull, "w") if rank else sys.stdout  # every process computes; only rank 0 reports
+    if rank:  # every process computes; only rank 0 reports
+        sys.stdout = open(os.devnull, "w")
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     t_start = time.time()
     ensure_all()
