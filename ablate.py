@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import evolve
-from data.prepare import QUESTIONS_DIR, load_qa
+from data.load import QUESTIONS_DIR, load_qa
 from eval import evaluate
 from model import load_policy
 from search import get_retriever

@@ -17,7 +17,8 @@ import time
 import numpy as np
 import torch
 
-from data.prepare import CORPUS_PATH, QUESTIONS_DIR, ensure_all, load_qa
+from data.load import CORPUS_PATH, QUESTIONS_DIR, load_qa
+from data.prepare import ensure_all
 from distill import DistillConfig, ofsd_loss, ofsd_pairs, sft_loss
 from model import load_policy
 from rollout import INVALID, LAST_TURN, RolloutConfig, build_prompt, last_tag, rollout

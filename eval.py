@@ -1,18 +1,29 @@
-"""Evaluation: exact match / F1 (the only reward, as in Search-R1 and Search-E1) and the eval CLI.
+"""Evaluation: greedy rollouts scored by exact match, per question kind and per hop, and the eval CLI.
 
-The reward in Search-E1 is exact match against the gold answers and nothing else: no format bonus.
-Normalisation follows SQuAD / FlashRAG: lowercase, strip punctuation, drop a/an/the, collapse spaces.
-The paper's seven benchmarks are fetched by name (--data nq,hotpotqa,...) from FlashRAG's hub copies.
+Search-E1 (arXiv 2605.22511) reports exact match on Search-R1's seven benchmarks, single-hop (NQ, TriviaQA,
+PopQA) and multi-hop (HotpotQA, 2Wiki, MuSiQue, Bamboogle), fetched here by name (--data nq,hotpotqa,...)
+from FlashRAG's hub copies. On the generated splits, whose rows carry a "kind", the CLI also prints EM and
+searches per question for each kind and for 1-hop vs 2-hop kinds (data/questions.py:TWO_HOP_KINDS): the
+bridges need a second search, which is what self-evolution must teach a small policy.
+Layering: the metrics (metrics.py), data loading, BM25, the policy and the agent (rollout.py) all sit
+below this file; the trainers' loop (evolve.py) and ablate.py sit above it.
 """
+import argparse
 import dataclasses
+import json
 import os
-import re
-import string
 import time
-import unicodedata
 import urllib.request
-from collections import Counter
+from collections import defaultdict
 from pathlib import Path
+
+from data.load import QUESTIONS_DIR, load_qa
+from data.prepare import ensure_all
+from data.questions import TWO_HOP_KINDS
+from metrics import exact_match, f1_score
+from model import EMBEDDED, load_policy
+from rollout import RolloutConfig, rollout
+from search import format_docs, get_retriever
 
 # Search-R1's (and Search-E1's) evaluation splits: test where FlashRAG has one, dev otherwise
 BENCHMARKS = {"nq": "test", "triviaqa": "test", "popqa": "test", "hotpotqa": "dev", "2wikimultihopqa": "dev",
@@ -21,41 +32,9 @@ FLASHRAG_URL = "https://huggingface.co/datasets/RUC-NLPIR/FlashRAG_datasets/reso
 BENCH_DIR = Path(__file__).resolve().parent / "data" / "cache" / "benchmarks"
 
 
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def normalize_answer(s: str) -> str:
-    s = unicodedata.normalize("NFKC", s).lower().translate(_PUNCT)
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
-
-
-def exact_match(prediction: str | None, golden_answers: list[str]) -> float:
-    if prediction is None:
-        return 0.0
-    p = normalize_answer(prediction)
-    return float(any(p == normalize_answer(g) for g in golden_answers))
-
-
-def f1_score(prediction: str | None, golden_answers: list[str]) -> float:
-    """Token-overlap F1, max over gold answers (FlashRAG's definition)."""
-    if prediction is None:
-        return 0.0
-    best = 0.0
-    p_toks = normalize_answer(prediction).split()
-    for g in golden_answers:
-        g_toks = normalize_answer(g).split()
-        common = sum((Counter(p_toks) & Counter(g_toks)).values())
-        if common == 0:
-            continue
-        prec, rec = common / len(p_toks), common / len(g_toks)
-        best = max(best, 2 * prec * rec / (prec + rec))
-    return best
-
-
-def readable(t, golden_answers: list[str], tok) -> dict:
-    """One trajectory as a student would want to read it."""
-    return {"id": t.qid, "question": t.question, "golden_answers": golden_answers, "answer": t.answer,
+def readable(t, golden_answers: list[str], tok, kind: str | None = None) -> dict:
+    """One trajectory as a student would want to read it. kind: the question's, if its file has one."""
+    return {"id": t.qid, "question": t.question, "kind": kind, "golden_answers": golden_answers, "answer": t.answer,
             "em": exact_match(t.answer, golden_answers), "f1": f1_score(t.answer, golden_answers),
             "searches": [{"query": q, "results": o} for q, o in zip(t.queries, t.observations)],
             "turns": t.turns, "generated_tokens": t.n_generated, "finished": t.finished,
@@ -65,14 +44,12 @@ def readable(t, golden_answers: list[str], tok) -> dict:
 
 def evaluate(model, tok, questions: list[dict], retriever, mode: str = "agent", cfg=None, desc=None):
     """Greedy rollouts of one mode over questions -> (metrics dict, readable records)."""
-    from tqdm import tqdm
-
-    from rollout import RolloutConfig, rollout
+    from tqdm import tqdm  # deferred: only a run with rollouts draws a progress bar
     cfg = dataclasses.replace(cfg or RolloutConfig(), mode=mode, group_size=1, temperature=0.0)
     t0 = time.time()
     with tqdm(total=len(questions), desc=desc or mode, unit="q", leave=False, disable=None) as bar:
         trajs = rollout(model, tok, questions, retriever, cfg, progress=bar)
-    records = [readable(t, q["golden_answers"], tok) for t, q in zip(trajs, questions)]
+    records = [readable(t, q["golden_answers"], tok, q.get("kind")) for t, q in zip(trajs, questions)]
     return summarize(records, time.time() - t0), records
 
 
@@ -87,17 +64,39 @@ def summarize(records: list[dict], seconds: float = 0.0) -> dict:
             "truncated": sum(r["truncated"] for r in records), "seconds": round(seconds, 1)}
 
 
+def by_kind(records: list[dict]) -> dict[str, dict]:
+    """{kind: summarize(that kind's records)}, kinds sorted. Records without a kind (a FlashRAG file) are left out."""
+    groups = defaultdict(list)
+    for r in records:
+        if r.get("kind") is not None:
+            groups[r["kind"]].append(r)
+    return {kind: summarize(groups[kind]) for kind in sorted(groups)}
+
+
+def by_hop(records: list[dict]) -> dict[str, dict]:
+    """{"hop1": summarize(one-search kinds), "hop2": summarize(TWO_HOP_KINDS)}: does the policy learn the second
+    search? Both keys whenever some record has a kind (n may be 0); {} when none has (nothing to split on)."""
+    kinded = [r for r in records if r.get("kind") is not None]
+    if not kinded:
+        return {}
+    return {"hop1": summarize([r for r in kinded if r["kind"] not in TWO_HOP_KINDS]),
+            "hop2": summarize([r for r in kinded if r["kind"] in TWO_HOP_KINDS])}
+
+
 def rule_agent(questions: list[dict], retriever) -> tuple[dict, list[dict]]:
-    """The no-model baseline: search the raw question, answer the top document's title."""
+    """The no-model baseline: search the raw question, answer the top document's title. Its records have
+    readable()'s fields, so summarize, by_kind and by_hop read them like an agent's."""
     t0 = time.time()
     results = retriever.search([q["question"] for q in questions], 1)
-    answers = [r[0].title if r else None for r in results]
-    records = [{"id": q["id"], "question": q["question"], "golden_answers": q["golden_answers"], "answer": a,
-                "em": exact_match(a, q["golden_answers"]), "f1": f1_score(a, q["golden_answers"])}
-               for q, a in zip(questions, answers)]
-    n = len(records)
-    return {"n": n, "em": sum(r["em"] for r in records) / n, "f1": sum(r["f1"] for r in records) / n,
-            "searches_per_q": 1.0, "gen_tokens_per_q": 0.0, "seconds": round(time.time() - t0, 1)}, records
+    records = []
+    for q, docs in zip(questions, results):
+        a = docs[0].title if docs else None
+        records.append({"id": q["id"], "question": q["question"], "kind": q.get("kind"),
+                        "golden_answers": q["golden_answers"], "answer": a, "em": exact_match(a, q["golden_answers"]),
+                        "f1": f1_score(a, q["golden_answers"]),
+                        "searches": [{"query": q["question"], "results": format_docs(docs)}],
+                        "turns": 1, "generated_tokens": 0, "finished": True, "truncated": False, "invalid_actions": 0})
+    return summarize(records, time.time() - t0), records
 
 
 def fetch_benchmark(name: str, cache_dir: Path = BENCH_DIR, timeout: float = 60) -> Path:
@@ -133,15 +132,17 @@ def print_table(results: dict[str, dict], title: str = "") -> None:
               f"{m['gen_tokens_per_q']:>10.1f} {m['seconds']:>8.1f}")
 
 
+def print_kinds(records: dict[str, list[dict]]) -> None:
+    """EM and searches per question for each question kind, then 1-hop vs 2-hop: a column pair per mode."""
+    tables = {mode: {**by_kind(rs), **by_hop(rs)} for mode, rs in records.items()}
+    first = next(iter(tables.values()))
+    print(f"\n{'kind':<18} {'n':>4}" + "".join(f"{mode + ' EM':>12} {'search/q':>9}" for mode in tables))
+    for row, m in first.items():
+        print(f"{row:<18} {m['n']:>4}" + "".join(f"{t[row]['em']:>12.3f} {t[row]['searches_per_q']:>9.2f}"
+                                                 for t in tables.values()))
+
+
 def main(argv=None):
-    import argparse
-    import json
-
-    from data.prepare import QUESTIONS_DIR, ensure_all, load_qa
-    from model import EMBEDDED, load_policy
-    from rollout import RolloutConfig
-    from search import get_retriever
-
     p = argparse.ArgumentParser(description="Evaluate a policy on a FlashRAG-format QA file "
                                             "({id, question, golden_answers} jsonl) in several modes.")
     p.add_argument("--model", default=EMBEDDED, help="hub id, HF folder (e.g. a round_<r> checkpoint) or 'smollm2'")
@@ -185,15 +186,19 @@ def main(argv=None):
         out_dir = Path(args.out_dir) if one else Path(args.out_dir or "runs") / f"eval_{data.stem}"
         out_dir.mkdir(parents=True, exist_ok=True)
         results = every[name if name in BENCHMARKS else data.stem] = {}
+        kept = {}  # mode -> records, for the per-kind table
         for mode in modes:
             if mode == "rule":
                 results[mode], records = rule_agent(questions, retriever)
             else:
                 results[mode], records = evaluate(model, tok, questions, retriever, mode, cfg)
+            kept[mode] = records
             with open(out_dir / f"{mode}.jsonl", "w") as f:
                 for r in records:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
         print_table(results, f"{args.model} on {data} (n={len(questions)}); trajectories in {out_dir}/")
+        if any(q.get("kind") is not None for q in questions):
+            print_kinds(kept)
     if len(every) > 1:
         print_benchmarks(every)
     results = every if len(every) > 1 else results  # one file: {mode: metrics}; several: {name: {mode: ...}}

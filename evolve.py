@@ -36,10 +36,12 @@ import torch
 
 import parallel
 from checkpoint import commit, crash_point, finished_rounds, rebuild_metrics
-from data.prepare import QUESTIONS_DIR, ensure_all, load_qa
+from data.load import QUESTIONS_DIR, load_qa
+from data.prepare import ensure_all
 from distill import DistillConfig, distill
-from eval import evaluate, exact_match, summarize
+from eval import evaluate, summarize
 from grpo import GRPOConfig, TrainingError, check_finite, count_bad_steps, grpo_step
+from metrics import exact_match
 from model import EMBEDDED, load_policy, save_policy
 from rollout import RolloutConfig, Trajectory, rollout
 from warmup import scripted_traces

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from data.load import ensure_gguf
+
 ROOT = Path(__file__).resolve().parent
 EMBEDDED = "smollm2"  # the embedded default's short name
 EMBEDDED_DIR = ROOT / "data" / "cache" / "SmolLM2-135M-Instruct"
@@ -53,7 +55,6 @@ def resolve(name_or_path: str) -> str:
     if name_or_path.lower() not in (EMBEDDED, "smollm2-135m-instruct"):
         return name_or_path
     if not (EMBEDDED_DIR / "config.json").exists():
-        from data.prepare import ensure_gguf
         convert_gguf(ensure_gguf(), EMBEDDED_DIR)
     return str(EMBEDDED_DIR)
 

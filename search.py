@@ -9,6 +9,7 @@ BM25 is an exact, vectorised re-implementation of rank_bm25.BM25Okapi (same idf,
 same floats): per-term weights are precomputed in an inverted index, so a query is a few array adds.
 Results: the k highest-scoring docs with score > 0, ties broken by corpus position (lower first).
 Docs with score <= 0 are never returned, so an empty query or one of only unknown words gives [].
+Layering: above data/load.py only (read_jsonl); the agent (rollout.py) and the question generator sit above.
 Run: python search.py "who wrote hamlet" [--corpus PATH] [--url URL] [-k 3]
 """
 import argparse
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.prepare import read_jsonl
+from data.load import read_jsonl
 
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "data/cache/corpus.jsonl"
 

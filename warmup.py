@@ -8,7 +8,7 @@ ideal_queries), read the real BM25 results, answer with the training answer, and
 be read in the results. Dev and test answers are never seen. The traces are tokenized exactly as rollout.py
 would have produced them, so the warm-up trains on the same masks and layout as every later round.
 """
-from eval import exact_match
+from metrics import exact_match
 from rollout import RolloutConfig, Trajectory, build_prompt
 from search import safe_search
 

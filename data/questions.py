@@ -14,25 +14,27 @@ documents suffices. Most answers are spans (years, names, countries), not titles
       where Rosario is?" -> Buenos Aires
 Splits are by article: articles linked by a question (a work and its creator; a place, its country and
 the capital) form one cluster, so no article's facts appear in two splits and bridges never straddle.
-Run: python data/questions.py   (prints the per-split table: counts, rule-agent EM, oracle recall)
+Layering: above data/load.py (summaries, article_text), metrics.py and search.py (the table's rule agent
+and oracle); data/prepare.py runs it and writes the splits.
+Run: python data/prepare.py   (builds the splits, prints the per-split table: counts, rule-agent EM, oracle)
 """
 import hashlib
 import random
 import re
-import sys
 import unicodedata
 from collections import Counter, defaultdict
-from pathlib import Path
 
-if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.prepare import article_text  # noqa: E402
-from eval import exact_match  # noqa: E402
+from data.load import article_text, load_qa
+from metrics import exact_match
+from search import BM25
 
 SEED = 1234
 DEV_TEST_SIZE = 300       # eval splits are capped: an eval of a CPU policy must stay cheap
 TRAIN_CAP_PER_KIND = 500  # so that no single template dominates what the policy learns from
 BIG_CLUSTER = 15          # clusters this big (China and its cities) go to train: eval must not hinge on one country
+# the kinds that take two searches, one per hop (work -> creator, place -> country): their ideal_queries hold
+# two queries. eval.py reports them apart (by_hop) since multi-hop search is what self-evolution must learn.
+TWO_HOP_KINDS = frozenset({"bridge_birth_year", "bridge_death_year", "bridge_capital"})
 
 LIFE = re.compile(r"^(?P<desc>[^()\d;]*?),? \((?:born (?P<b1>\d{3,4})|(?P<b>\d{3,4})\s?[–-]\s?(?P<d>\d{3,4}))\)$")
 # after an office ("Sultan of the Ottoman Empire (1520–1566)") the parentheses are a reign, not a life
@@ -79,7 +81,7 @@ def with_the(name: str) -> str:
 
 
 def _words(s: str) -> str:
-    """eval.normalize_answer, except that EVERY non-word character becomes a space: it strips ASCII
+    """metrics.normalize_answer, except that EVERY non-word character becomes a space: it strips ASCII
     punctuation only, so "(1898–1956)" would stay one token. Inlined because normalize_answer is slow
     on whole passages; normalize_answer(_words(s)).strip() == _words(s).strip() holds by construction."""
     s = re.sub(r"[^\w\s]|_", " ", unicodedata.normalize("NFKC", s).lower())
@@ -243,8 +245,6 @@ def split_stats(corpus_path, question_paths: dict, k: int = 3) -> dict:
     """{split: {kind|"ALL": {n, rule_em, oracle_raw, oracle_ideal}}}. oracle_* = share of questions whose
     gold answer is in the top-k docs: for the raw question (a one-search agent's ceiling) and for the
     ideal queries, one per hop (what a good multi-search agent can reach)."""
-    from data.prepare import load_qa
-    from search import BM25
     index = BM25.from_jsonl(corpus_path)
     stats = {}
     for split, path in question_paths.items():
@@ -271,8 +271,3 @@ def format_stats(stats: dict) -> str:
         lines += [f"{split:6s} {kind:18s} {s['n']:5d} {s['rule_em']:8.3f} {s['oracle_raw']:13.3f} "
                   f"{s['oracle_ideal']:15.3f}" for kind, s in kinds.items()]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    from data.prepare import ensure_corpus, ensure_questions
-    print(format_stats(split_stats(ensure_corpus(), ensure_questions())))

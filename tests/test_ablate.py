@@ -2,7 +2,7 @@
 import ablate
 import evolve
 import model as M
-from data.prepare import QUESTIONS_DIR
+from data.load import QUESTIONS_DIR
 from test_evolve import TINY_RUN
 
 

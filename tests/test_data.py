@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, however pytest is invoked
-from data.prepare import (CORPUS_WHEEL, ensure_corpus, ensure_questions, load_qa, load_summaries, sha256_file,
-                          verify_sha256)  # noqa: E402
-from data.questions import bare, contains, generate, rule_agent_answer  # noqa: E402
-from eval import exact_match  # noqa: E402
+from data.load import (CORPUS_WHEEL, ensure_corpus, load_qa, load_summaries, sha256_file,  # noqa: E402
+                       verify_sha256)
+from data.prepare import ensure_questions  # noqa: E402
+from data.questions import TWO_HOP_KINDS, bare, contains, generate, rule_agent_answer  # noqa: E402
+from metrics import exact_match  # noqa: E402
+from search import BM25  # noqa: E402
 
 EFFICIENTQA = Path(__file__).resolve().parents[2] / "shared/data/efficientqa_dev.jsonl"
 
@@ -73,7 +75,6 @@ def test_every_gold_answer_appears_in_its_source_articles(splits, corpus_text):
 
 
 def test_rule_based_agent_scores_at_most_40_percent_em_on_test(splits):
-    from search import BM25
     index = BM25.from_jsonl(ensure_corpus())
     rows = splits["test"]
     em = sum(exact_match(rule_agent_answer(r["question"], index), r["golden_answers"]) for r in rows) / len(rows)

@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from data.prepare import load_qa
-from eval import BENCHMARKS, exact_match, f1_score, fetch_benchmark, main, normalize_answer
+from data.load import load_qa
+from eval import BENCHMARKS, fetch_benchmark, main
+from metrics import exact_match, f1_score, normalize_answer
 
 
 def test_normalisation_lowercases_strips_punctuation_and_articles():

@@ -9,7 +9,7 @@ import torch
 
 import model as M
 from distill import DistillConfig, distill
-from eval import exact_match
+from metrics import exact_match
 from grpo import GRPOConfig, grpo_step
 from rollout import RolloutConfig, rollout
 from test_rollout import QUESTION, ScriptedRetriever, scripted_ids, teach

@@ -1,5 +1,5 @@
 """warmup.py: scripted traces of training questions, laid out exactly as rollout.py lays out a trajectory."""
-from data.prepare import QUESTIONS_DIR, load_qa
+from data.load import QUESTIONS_DIR, load_qa
 from rollout import RolloutConfig
 from search import get_retriever
 from warmup import scripted_traces
