@@ -66,6 +66,13 @@ def test_split_sizes_and_kinds(splits):
     assert all(len(r["sources"]) == 2 for r in splits["test"] if r["kind"].startswith("bridge"))
 
 
+def test_two_hop_kinds_are_exactly_those_with_one_ideal_query_per_hop(splits):
+    for rows in splits.values():
+        for r in rows:
+            assert (r["kind"] in TWO_HOP_KINDS) == (len(r["ideal_queries"]) == 2), (r["id"], r["kind"])
+    assert TWO_HOP_KINDS <= {r["kind"] for r in splits["test"]}
+
+
 def test_every_gold_answer_appears_in_its_source_articles(splits, corpus_text):
     for rows in splits.values():
         for r in rows:

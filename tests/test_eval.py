@@ -1,10 +1,11 @@
-"""eval.py: SQuAD/FlashRAG exact match and F1, the CLI's table and trajectories, and its errors."""
+"""eval.py and metrics.py: SQuAD/FlashRAG exact match and F1, per-kind and per-hop metrics, the CLI's tables and
+trajectories, and its errors."""
 import json
 
 import pytest
 
 from data.load import load_qa
-from eval import BENCHMARKS, fetch_benchmark, main
+from eval import BENCHMARKS, by_hop, by_kind, fetch_benchmark, main
 from metrics import exact_match, f1_score, normalize_answer
 
 
@@ -88,3 +89,35 @@ def test_several_data_files_print_the_papers_table_one_column_each_and_the_avera
     assert out[header].split() == ["EM", "easy", "hard", "avg"]
     assert out[header + 1].split() == ["rule", "1.000", "0.000", "0.500"]
     assert (tmp_path / "run" / "eval_easy" / "rule.jsonl").exists()
+
+
+def _record(kind, em, n_searches):
+    return {"kind": kind, "em": em, "f1": em, "answer": "x", "searches": [{}] * n_searches, "generated_tokens": 10,
+            "invalid_actions": 0, "truncated": False}
+
+
+def test_per_kind_and_per_hop_metrics_by_hand():
+    records = [_record("birth_year", 1.0, 1), _record("birth_year", 0.0, 2), _record("bridge_capital", 1.0, 2),
+               _record("bridge_birth_year", 0.0, 3), _record(None, 1.0, 0)]  # the last: a row without a kind
+    kinds = by_kind(records)
+    assert list(kinds) == ["birth_year", "bridge_birth_year", "bridge_capital"]
+    assert [(m["n"], m["em"], m["searches_per_q"]) for m in kinds.values()] == [(2, 0.5, 1.5), (1, 0.0, 3.0),
+                                                                                 (1, 1.0, 2.0)]
+    hops = by_hop(records)
+    assert (hops["hop1"]["n"], hops["hop1"]["em"], hops["hop1"]["searches_per_q"]) == (2, 0.5, 1.5)
+    assert (hops["hop2"]["n"], hops["hop2"]["em"], hops["hop2"]["searches_per_q"]) == (2, 0.5, 2.5)
+    assert by_hop(records[:2])["hop2"]["n"] == 0 and by_hop(records[-1:]) == {} and by_kind(records[-1:]) == {}
+
+
+def test_cli_prints_em_and_searches_per_kind_and_per_hop_when_questions_have_kinds(tmp_path, capsys):
+    data = tmp_path / "kinds.jsonl"  # the rule agent answers the top title: right for the first only
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "question": "Victor Hugo", "golden_answers": ["Victor Hugo"], "kind": "riddle"},
+        {"id": "b", "question": "Victor Hugo", "golden_answers": ["nobody"], "kind": "bridge_capital"}]) + "\n")
+    main(["--data", str(data), "--modes", "rule", "--out_dir", str(tmp_path / "run")])
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert rows["kind"] == ["n", "rule", "EM", "search/q"]
+    assert rows["riddle"] == ["1", "1.000", "1.00"] and rows["bridge_capital"] == ["1", "0.000", "1.00"]
+    assert rows["hop1"] == ["1", "1.000", "1.00"] and rows["hop2"] == ["1", "0.000", "1.00"]
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "run" / "rule.jsonl").read_text().splitlines()]
+    assert kinds == ["riddle", "bridge_capital"]
