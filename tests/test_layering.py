@@ -7,6 +7,7 @@ order in which modules may be read (and changed) undefined. So the import graph 
 project module is never imported inside a function (that is allowed only to defer a heavy optional
 package such as matplotlib or rank_bm25)."""
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,3 +85,15 @@ def test_no_project_module_is_imported_inside_a_function():
             bad += [f"{path.relative_to(ROOT)}:{node.lineno} imports {m} inside {fn.name}()"
                     for m, node in project_imports(fn, set(files))]
     assert not bad, "import these at the top of the module instead:\n" + "\n".join(sorted(set(bad)))
+
+
+def test_the_readme_lists_the_files_bottom_up():
+    """README's file table is the reading order: each file there imports only files listed above it."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## Files"):readme.index("## Data")]
+    order = [f[:-3].replace("/", ".") for f in re.findall(r"^\| `([\w/]+\.py)`", table, re.M)]
+    pos, graph = {m: i for i, m in enumerate(order)}, import_graph()
+    assert {"metrics", "eval", "evolve"} <= set(pos)
+    late = [f"{m} imports {d}, listed below it" for m in order for d in sorted(graph.get(m, ()))
+            if pos.get(d, -1) > pos[m]]
+    assert not late, "\n".join(late)
