@@ -1,58 +1,56 @@
-"""Self-distillation rounds of Search-E1: OFSD (the paper's method) and kept-trace SFT (the design card's loop).
+"""Self-distillation, Search-E1's step after each GRPO round (paper, Sec. 3.3): OFSD in the paper's v1, OPSD in
+its v2. Also kept-trace SFT, the control that asks whether a teacher is needed at all.
 
-After each GRPO round the policy rolls out on its own training questions (rollout.py; the caller sets
-t.reward by exact match) and learns from its own best trajectories, with no external teacher:
+After a GRPO round the policy rolls out on its own training questions (rollout.py; the caller sets t.reward by
+exact match). For each question with a correct trajectory, the most efficient correct one is the sibling. The
+teacher is the same weights frozen for the whole phase (the post-GRPO policy), reading a privileged context:
+the prompt with the sibling's solution shown inside the user turn. On each student trajectory's own generated
+tokens (<information> masked) a token-level forward KL(teacher || student) over the full vocabulary pulls the
+policy's plain-context distribution toward its own privileged one. Gradient flows only through the student.
+    python distill.py --explain [--model DIR] [--question ID]    shows it, token by token (explain.py)
 
-- ofsd (the paper): for each question with at least one correct trajectory, the most efficient correct
-  trajectory is the sibling. The teacher is the same weights under torch.no_grad(), reading a privileged
-  context: the prompt with the sibling's solution shown inside the user turn. Every other trajectory of the
-  question, correct or not, is a student trajectory; on its policy-generated tokens a token-level forward
-  KL(teacher || student) aligns the policy's normal (inference-time) distribution to its own distribution
-  under the privileged context. Gradient flows only through the student.
-- sft (the design card's loop): cross-entropy on the kept traces (correct trajectories, at most
-  per_question_cap per question, the most efficient first) on their policy-generated tokens.
-
-The paper's code is not public, so the unknowns are options; each default is this project's guess:
-- sibling_rule: "efficient" = fewest searches, then fewest generated tokens, then first index;
-  "shortest" = fewest generated tokens, then fewest searches, then first index.
-- teacher_shows: "queries" (the sibling's queries and answer, HINT wording below), "full" (its decoded
-  response, retrieved documents included), "none" (no hint: teacher == student, KL == 0; a sanity check).
-  The hint goes at the end of the user turn, before the assistant turn.
-- kl_topk: 0 = the full vocabulary; k = the teacher's top-k tokens only, the teacher renormalised over
-  them, the student's full-vocabulary log-probs as they are. The sum stays >= 0 but is not 0 when teacher ==
-  student: it is then -log(student mass on the top-k), so this option also sharpens the student onto them.
-  k=1 is cross-entropy on the hinted teacher's greedy token at each student position; evolve.py uses it
-  because the full KL collapsed SmolLM2-135M (README, "Why kl_topk=1"): the hinted teacher is a little less
-  sure of the format tokens ('think' after '</'), a small but systematic pull that Adam's per-parameter
-  steps made full-size, and a few steps at lr 3e-5 turned every '</think>' into '</<<<'.
-Also this project's: lr 1e-5, token-mean over each optimizer batch, one optimizer step per batch_size rows.
+The paper's code is not public, so the unknowns are options; each default is this project's choice:
+- sibling_rule: "efficient" = fewest searches, then fewest generated tokens, then first index; "shortest" =
+  fewest tokens first; "searched" = "efficient" among correct trajectories that searched at least once (a lucky
+  no-search guess is no demonstration of searching).
+- student_rule: "all" = every other trajectory of the question; "most_different" = one student, the trajectory
+  least like the sibling (Jaccard of generated token ids), a wrong one first (a secondary summary's reading).
+- teacher_shows: "queries" (the sibling's queries and answer), "full" (its decoded response, documents
+  included), "none" (no hint: the control for "is it the privileged information?"; the KL is 0 at the start).
+- loss: "kl" (the paper's) | "top1_ce" (cross-entropy on the hinted teacher's argmax token: not 0 when the
+  teacher sees no hint, so it also sharpens the policy onto its own greedy token). kl_clip: a per-entry clip of
+  the KL's terms (reported by the summary; 0 = off).
+kept-trace SFT: cross-entropy on correct trajectories, at most per_question_cap per question, most efficient first.
 """
-import math
-import random
+import copy
+import itertools
+import re
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from grpo import autocast, chunks, optimizer_step, split
 from model import chat_prompt, pack, response_logits, token_logp
-from parallel import all_sum, batches
 from rollout import AGENT_PROMPT, Trajectory
+from train import autocast, make_optimizer, split, train
 
 HINT_QUERIES = "\nA correct and efficient solution {how}: {answer}.\n"
 HINT_FULL = "\nA correct and efficient solution to this question:\n{text}\n"
+SPANS = ("think", "query", "answer")  # where a generated token sits, for the per-span diagnostics
 
 
 @dataclass
 class DistillConfig:
-    method: str = "ofsd"           # ofsd (the paper) | sft (kept traces)
-    lr: float = 1e-5               # used only when distill() builds the optimizer (135M model, few steps)
+    method: str = "opsd"           # opsd (the paper) | sft (kept traces)
+    loss: str = "kl"               # kl (the paper) | top1_ce
+    kl_clip: float = 0.0           # clip each vocabulary entry's KL term to [-kl_clip, kl_clip]; 0 = off
+    lr: float = 1e-5
+    warmup_steps: int = 0          # linear lr ramp over the run's first optimizer steps (train.set_lr)
     per_question_cap: int = 2      # sft: kept traces per question, so easy questions don't dominate
     sibling_rule: str = "efficient"
+    student_rule: str = "all"
     teacher_shows: str = "queries"  # queries | full | none
-    kl_topk: int = 0               # 0 = full-vocabulary KL
     batch_size: int = 16           # rows (pairs or kept traces) per optimizer step
-    micro_batch: int = 2           # rows per forward: bounds activation memory (evolve peaks under 6 GB)
+    micro_batch: int = 2           # rows per forward: bounds activation memory
     epochs: int = 1
     autocast_bf16: bool = True
     max_grad_norm: float = 1.0
@@ -65,10 +63,12 @@ class Pair:
     student: Trajectory
     teacher_prompt: list[int]      # privileged prompt ids; the teacher reads these + the student's response
     sibling: Trajectory
+    labels: list[int]              # span_labels of the student's response (diagnostics)
 
 
 RULES = {"efficient": lambda t: (len(t.queries), t.n_generated),
-         "shortest": lambda t: (t.n_generated, len(t.queries))}
+         "shortest": lambda t: (t.n_generated, len(t.queries)),
+         "searched": lambda t: (len(t.queries), t.n_generated)}
 
 
 def is_correct(t) -> bool:
@@ -83,9 +83,24 @@ def by_question(trajs) -> dict[str, list]:
 
 
 def select_sibling(group: list, rule: str = "efficient"):
-    """The most efficient correct trajectory of one question's group, or None if none is correct.
-    min() keeps the first of equals, hence 'then first index'."""
-    return min((t for t in group if is_correct(t)), key=RULES[rule], default=None)
+    """The most efficient correct trajectory of one question's group, or None. min() keeps the first of equals."""
+    ok = [t for t in group if is_correct(t) and (rule != "searched" or t.queries)]
+    return min(ok, key=RULES[rule], default=None)
+
+
+def similarity(a, b) -> float:
+    """Jaccard similarity of two trajectories' generated token ids."""
+    x, y = ({i for i, m in zip(t.token_ids, t.loss_mask) if m} for t in (a, b))
+    return len(x & y) / max(len(x | y), 1)
+
+
+def select_students(group: list, sibling, rule: str = "all") -> list:
+    others = [t for t in group if t is not sibling]
+    if rule == "all":
+        return others
+    if rule == "most_different":
+        return sorted(others, key=lambda t: (is_correct(t), similarity(t, sibling)))[:1]
+    raise ValueError(f"student_rule must be all | most_different, not {rule!r}")
 
 
 def kept_traces(trajs: list, cap: int = 2, rule: str = "efficient") -> list:
@@ -111,101 +126,118 @@ def teacher_prompt_ids(tok, question: str, hint: str) -> list[int]:
     return tok(chat_prompt(tok, AGENT_PROMPT.format(question=question) + hint), add_special_tokens=False).input_ids
 
 
-def ofsd_pairs(tok, trajs: list, cfg: DistillConfig) -> list[Pair]:
-    """Every non-sibling trajectory of a question that has a correct one, with its privileged teacher prompt."""
+def opsd_pairs(tok, trajs: list, cfg: DistillConfig) -> list[Pair]:
+    """(student, privileged prompt, sibling) for every question that has a correct trajectory."""
     pairs = []
     for group in by_question(trajs).values():
         sib = select_sibling(group, cfg.sibling_rule)
         if sib is None:
             continue                   # no correct trajectory: nothing to distil from
         prompt = teacher_prompt_ids(tok, sib.question, privileged_hint(tok, sib, cfg.teacher_shows))
-        pairs += [Pair(t, prompt, sib) for t in group if t is not sib]
+        pairs += [Pair(t, prompt, sib, span_labels(tok, t)) for t in select_students(group, sib, cfg.student_rule)]
     return pairs
 
 
-def ofsd_loss(policy, pairs: list[Pair], pad_id: int, topk: int = 0, autocast_bf16: bool = True):
-    """(summed token-level KL(teacher || student), token count) over the students' policy-generated tokens.
-    pack() puts response token j at column P_T + j in the teacher batch and P_S + j in the student batch,
-    and response_logits returns exactly the positions predicting them, so both (N, V) line up."""
-    _, resp, masks = zip(*(split(p.student) for p in pairs))
-    s_ids, s_attn, mask = pack([split(p.student)[0] for p in pairs], resp, masks, pad_id, policy.device)
+# The objectives: pure functions of logits, one row per trained token, to set beside the paper's equations.
+def forward_kl(teacher_logits, student_logits, clip: float = 0.0) -> torch.Tensor:
+    """Per token: KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v)), each term clipped to [-clip, clip] if
+    clip > 0. Equal logits give exactly 0."""
+    t_logp, s_logp = teacher_logits.float().log_softmax(-1), student_logits.float().log_softmax(-1)
+    terms = t_logp.exp() * (t_logp - s_logp)
+    return (terms.clamp(-clip, clip) if clip else terms).sum(-1)
+
+
+def top1_cross_entropy(teacher_logits, student_logits) -> torch.Tensor:
+    """Per token: -log p_S(argmax p_T)."""
+    return -token_logp(student_logits, teacher_logits.argmax(-1))
+
+
+def span_labels(tok, t) -> list[int]:
+    """Per response token, its index in SPANS: 1 if it overlaps a query (the text inside <search>..</search>),
+    2 an answer, else 0: reasoning, tags and <information> (masked in training anyway)."""
+    pieces = tok.batch_decode([[i] for i in t.token_ids[t.prompt_len:]])
+    text, ends = "".join(pieces), list(itertools.accumulate(map(len, pieces)))
+    spans = [(m.start(1) + len(m[1]) - len(m[1].lstrip()), m.end(1) - len(m[1]) + len(m[1].rstrip()), k)
+             for k, tag in ((1, "search"), (2, "answer")) for m in re.finditer(rf"<{tag}>(.*?)</{tag}>", text, re.S)]
+    return [next((k for s, e, k in spans if a < e and b > s), 0) for a, b in zip([0] + ends[:-1], ends)]
+
+
+def pair_logits(policy, teacher, pairs: list[Pair], pad_id: int, autocast_bf16: bool = True):
+    """(teacher logits, student logits, (B, R) trained-token mask) at the students' policy-generated tokens.
+    pack() puts response token j at column P_T + j in the teacher batch and P_S + j in the student batch, and
+    response_logits returns exactly the positions predicting them, so the (N, V) rows line up."""
+    prompts, resp, masks = zip(*(split(p.student) for p in pairs))
+    s_ids, s_attn, mask = pack(prompts, resp, masks, pad_id, policy.device)
     t_ids, t_attn, _ = pack([p.teacher_prompt for p in pairs], resp, masks, pad_id, policy.device)
     R, sel = mask.shape[1], mask.bool()    # only the policy's own tokens; no <information>, no padding
-    with torch.no_grad(), autocast(policy, autocast_bf16):
-        t_logits = response_logits(policy, t_ids, t_attn, R, sel).float()
-        idx = t_logits.topk(topk, -1).indices if topk else None
-        t_logp = (t_logits.gather(-1, idx) if topk else t_logits).log_softmax(-1)  # top-k: renormalised
-        t_p = t_logp.exp()
-        neg_entropy = (t_p * t_logp).sum(-1)  # constant w.r.t. the student
-        del t_logits, t_logp
+    with torch.no_grad(), autocast(teacher, autocast_bf16):
+        t_logits = response_logits(teacher, t_ids, t_attn, R, sel).float()
     with autocast(policy, autocast_bf16):
-        s_logp = response_logits(policy, s_ids, s_attn, R, sel).float().log_softmax(-1)
-    if topk:
-        s_logp = s_logp.gather(-1, idx)
-    # per token, the same reduction as neg_entropy: identical contexts cancel exactly
-    kl = neg_entropy - (t_p * s_logp).sum(-1)
-    return kl.sum(), int(sel.sum())
+        s_logits = response_logits(policy, s_ids, s_attn, R, sel)
+    return t_logits, s_logits, mask
+
+
+def opsd_loss(policy, teacher, pairs: list[Pair], pad_id: int, cfg: DistillConfig, diag: dict | None = None):
+    """Summed per-token loss over the students' generated tokens; diag (if given) accumulates the KL per span
+    and the count of tokens where teacher and student disagree on the argmax."""
+    t_logits, s_logits, mask = pair_logits(policy, teacher, pairs, pad_id, cfg.autocast_bf16)
+    kl = forward_kl(t_logits, s_logits, cfg.kl_clip)
+    loss = kl if cfg.loss == "kl" else top1_cross_entropy(t_logits, s_logits)
+    if diag is not None:
+        spans = torch.tensor([lab + [0] * (mask.shape[1] - len(lab)) for lab in (p.labels for p in pairs)])
+        spans = spans.to(mask.device)[mask.bool()]
+        diag["disagree"] += int((t_logits.argmax(-1) != s_logits.detach().argmax(-1)).sum())
+        for k, name in enumerate(SPANS):
+            diag[f"kl_{name}"] += float(kl.detach()[spans == k].sum())
+            diag[f"n_{name}"] += int((spans == k).sum())
+    return loss.sum()
 
 
 def sft_loss(policy, trajs: list, pad_id: int, autocast_bf16: bool = True):
-    """(summed cross-entropy on the trajectories' policy-generated tokens, token count)."""
+    """Summed cross-entropy on the trajectories' policy-generated tokens."""
     ids, attn, mask = pack(*zip(*map(split, trajs)), pad_id, policy.device)
     R, keep = mask.shape[1], mask.bool()
     with autocast(policy, autocast_bf16):
         logits = response_logits(policy, ids, attn, R, keep)
-    return -token_logp(logits, ids[:, -R:][keep]).sum(), int(mask.sum())
+    return -token_logp(logits, ids[:, -R:][keep]).sum()
 
 
-def distill(policy, tok, trajs: list, cfg: DistillConfig | None = None, optimizer=None) -> dict:
-    """One self-distillation round over the policy's own rollouts (grouped by qid, t.reward set).
-    Rows are shuffled into ceil(rows / batch_size) even batches (one optimizer step each, token-mean loss), each in
-    micro-batches of similar length with gradient accumulation. Without an optimizer, AdamW(lr=cfg.lr)."""
+def distill(policy, tok, trajs: list, cfg: DistillConfig | None = None, optimizer=None, teacher=None) -> dict:
+    """One self-distillation phase over the policy's own rollouts (t.reward set). teacher: the frozen post-GRPO
+    policy (evolve.py passes its bf16 rollout copy, which is not updated until the phase ends); None = a snapshot
+    taken here. Without an optimizer, a fresh train.make_optimizer()."""
     cfg = cfg or DistillConfig()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    optimizer = optimizer or torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    optimizer = optimizer or make_optimizer(policy)
     groups = by_question(trajs)
-    if cfg.method == "ofsd":
-        items = ofsd_pairs(tok, trajs, cfg)
-        loss_fn = lambda rows: ofsd_loss(policy, rows, pad_id, cfg.kl_topk, cfg.autocast_bf16)
+    stats = dict(method=cfg.method, n_questions=len(groups), n_pairs=0, n_kept=0,
+                 n_questions_with_correct=sum(any(map(is_correct, g)) for g in groups.values()),
+                 format_valid=sum(t.finished and not t.invalid_actions for t in trajs) / max(len(trajs), 1))
+    if cfg.method == "opsd":
+        items = opsd_pairs(tok, trajs, cfg)
+        teacher = teacher if teacher is not None else copy.deepcopy(policy).eval()
+        diag = dict(disagree=0, **{f"{k}_{s}": 0 for k in ("kl", "n") for s in SPANS})
+        first = lambda: sum(diag[f"n_{s}"] for s in SPANS) < n_total  # diagnostics: the first epoch, each
+        loss_fn = lambda rows: opsd_loss(policy, teacher, [items[i] for i in rows], pad_id, cfg,  # batch just
+                                         diag if first() else None)                              # before its step
         traj_of = lambda p: p.student
+        stats["n_pairs"] = len(items)
     elif cfg.method == "sft":
         items = kept_traces(trajs, cfg.per_question_cap, cfg.sibling_rule)
-        loss_fn = lambda rows: sft_loss(policy, rows, pad_id, cfg.autocast_bf16)
+        loss_fn = lambda rows: sft_loss(policy, [items[i] for i in rows], pad_id, cfg.autocast_bf16)
         traj_of = lambda t: t
+        stats["n_kept"] = len(items)
     else:
-        raise ValueError(f"method must be ofsd | sft, not {cfg.method!r}")
+        raise ValueError(f"method must be opsd | sft, not {cfg.method!r}")
     n_tok = [sum(split(traj_of(x))[2]) for x in items]
-    length = lambda i: len(traj_of(items[i]).token_ids)
-    stats = dict(method=cfg.method, n_questions=len(groups), n_pairs=len(items) if cfg.method == "ofsd" else 0,
-                 n_kept=len(items) if cfg.method == "sft" else 0,
-                 n_questions_with_correct=sum(any(map(is_correct, g)) for g in groups.values()),
-                 tokens=sum(n_tok), epoch_loss=[], steps=0, n_skipped=0)
-    rng = random.Random(cfg.seed)
-    bar = tqdm(total=cfg.epochs * math.ceil(len(items) / cfg.batch_size), desc=cfg.method,
-               disable=None if cfg.progress is None else not cfg.progress)
-    optimizer.zero_grad(set_to_none=True)
-    for _ in range(cfg.epochs):
-        order = list(range(len(items)))
-        rng.shuffle(order)             # batches mix questions
-        ep_sum, ep_tok = 0.0, 0
-        for batch in batches(order, cfg.batch_size):   # under torchrun: this process's share of each batch
-            denom = all_sum(sum(n_tok[i] for i in batch))
-            total = 0.0
-            for micro in chunks(sorted(batch, key=length), cfg.micro_batch):
-                loss_sum, _ = loss_fn([items[i] for i in micro])
-                (loss_sum / max(denom, 1)).backward()
-                total += float(loss_sum.detach())
-            total = all_sum(total)
-            ok, _ = optimizer_step(policy, optimizer, total, cfg.max_grad_norm)
-            stats["steps"] += ok
-            stats["n_skipped"] += not ok
-            if ok:                     # per-token means over the batches actually stepped on
-                ep_sum, ep_tok = ep_sum + total, ep_tok + denom
-            bar.update(1)
-            bar.set_postfix(loss=f"{total / max(denom, 1):.4f}")
-        stats["epoch_loss"].append(ep_sum / ep_tok if ep_tok else float("nan"))
-    bar.close()
-    stats["loss"] = stats["epoch_loss"][-1] if stats["epoch_loss"] else float("nan")
-    if cfg.method == "ofsd":           # measured on the fly: each batch just before its own update
-        stats["kl_before"] = stats["epoch_loss"][0] if stats["epoch_loss"] else float("nan")
+    n_total = sum(n_tok)
+    length = [len(traj_of(x).token_ids) for x in items]
+    stats["tokens"] = n_total
+    stats.update(train(policy, optimizer, len(items), loss_fn, n_tok, length, cfg.lr, cfg.batch_size,
+                       cfg.micro_batch, cfg.max_grad_norm, cfg.epochs, cfg.warmup_steps, cfg.seed, cfg.method,
+                       cfg.progress))
+    if cfg.method == "opsd":
+        n = max(sum(diag[f"n_{s}"] for s in SPANS), 1)
+        stats.update(kl_before=sum(diag[f"kl_{s}"] for s in SPANS) / n, disagree_rate=diag["disagree"] / n,
+                     **{f"kl_{s}": diag[f"kl_{s}"] / max(diag[f"n_{s}"], 1) for s in SPANS})
     return stats

@@ -1,24 +1,22 @@
 """Search-E1's self-evolution loop: python evolve.py [--key=value ...]
 
-Read top to bottom, this is the paper's Algorithm: rounds of vanilla GRPO alternate with
-self-distillation, and the only signal is exact match against the training questions' answers.
+Read top to bottom, this is the paper's Algorithm: rounds of vanilla GRPO alternate with self-distillation
+(OFSD in the paper's v1, OPSD in v2), and the only signal is exact match against the training questions' answers.
 
-    warm-up (only when the policy cannot follow the protocol; this project's addition, see below)
+    warm-up (only when the policy cannot follow the protocol; this project's addition: warmup.py)
     for round r = 1..R:
         GRPO: grpo_steps steps of G rollouts per question, EM reward, PPO-clip     (grpo.py)
-        rollouts on the round's own training questions, EM reward                 (rollout.py, eval.py)
-        self-distillation on them: ofsd (paper) or sft on kept traces             (distill.py)
-        evaluate dev/test, save out_dir/round_r (a plain HF folder), log metrics.jsonl
+        rollouts on the round's own training questions, EM reward                 (rollout.py, metrics.py)
+        self-distillation on them: opsd (paper) or sft on kept traces             (distill.py)
+        evaluate on dev (test at round 0 and the last round only), save out_dir/round_r, log metrics.jsonl
 
-Warm-up (not in the paper, whose 3B models follow the protocol zero-shot; warmup.py): when the base policy's
-reward on a probe of training questions is 0, it is cloned on scripted traces of *training* questions. round_0
-is the post-warm-up checkpoint, so the table shows what self-evolution adds beyond it.
+One AdamW serves every phase and persists across rounds, saved with each round (train.py says why).
+The teacher of self-distillation is the bf16 rollout copy of the policy ("actor"): the post-GRPO weights, frozen
+for the whole phase (it is re-synced only after it). torchrun --nproc_per_node=N evolve.py ...: each process
+takes a shard of every batch of questions, training equals one process's on all of them (parallel.py).
 
-torchrun --nproc_per_node=N evolve.py ...: each process takes a shard of every batch of questions, training
-equals one process's on all of them (parallel.py), and only rank 0 prints and writes.
-
-CPU precision: the trainable policy keeps fp32 weights (updates of 1e-5 vanish in bf16) and trains
-under bf16 autocast; rollouts run on a bf16 copy (the "actor"), re-synced after every update.
+CPU precision: the trainable policy keeps fp32 weights (updates of 1e-5 vanish in bf16) and trains under bf16
+autocast; rollouts run on the actor, re-synced after every update.
 """
 import copy
 import ctypes
@@ -26,7 +24,6 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -35,18 +32,18 @@ from pathlib import Path
 import torch
 
 import parallel
-from checkpoint import commit, crash_point, finished_rounds, rebuild_metrics
+from checkpoint import crash_point, finished_rounds, phase, print_summary, rebuild_metrics, save_round
 from data.load import QUESTIONS_DIR, load_qa
 from data.prepare import ensure_all
 from distill import DistillConfig, distill
-from eval import evaluate, summarize
-from grpo import GRPOConfig, TrainingError, check_finite, count_bad_steps, grpo_step
+from eval import by_hop, evaluate, summarize
+from grpo import GRPOConfig, grpo_step
 from metrics import exact_match
-from model import EMBEDDED, load_policy, save_policy
+from model import EMBEDDED, load_policy
 from rollout import RolloutConfig, Trajectory, rollout
-from warmup import scripted_traces
 from search import RetrieverError, get_retriever
-
+from train import TrainingError, count_bad_steps, load_optimizer, make_optimizer
+from warmup import warm_up
 
 @dataclass
 class Config:
@@ -54,13 +51,14 @@ class Config:
     out_dir: str = "runs/evolve"
     seed: int = 0
     corpus: str = ""              # jsonl {id, contents}; "" = the embedded Wikipedia subset
-    questions: str = ""           # folder of train/dev/test.jsonl (data/prepare.py:load_qa); "" = the generated set
+    questions: str = ""           # folder of train/dev/test.jsonl (data/load.py:load_qa); "" = the generated set
     retriever_url: str = ""       # Search-R1 /retrieve endpoint instead of local BM25
     device: str = ""              # "" = cuda if present, else cpu
     rollout_dtype: str = "bfloat16"  # the actor's dtype (see docstring); "float32" to roll out in fp32
     on_search_error: str = "observe"  # observe: the turn reads "Search failed: ..." | stop: the run stops
     max_bad_steps: int = 3        # stop after this many optimizer steps in a row skipped for a non-finite loss
     checkpointing: bool = True    # recompute activations in backward: training's peak -1.2 GB, +35% its time
+    lr_warmup_steps: int = 5      # linear lr ramp over the run's first optimizer steps (train.set_lr)
     # warm-up
     warmup: str = "auto"          # auto (when the probe's reward is 0) | on | off
     warmup_questions: int = 96
@@ -72,20 +70,29 @@ class Config:
     group_size: int = 4           # G: Search-R1 / Search-E1 use 5; 4 keeps a CPU round short
     grpo_lr: float = 2e-5         # the paper's 1e-6 is for 3B; a 135M model on a few steps needs more
     kl_coef: float = 0.001
-    distill: str = "ofsd"         # ofsd (paper) | sft (kept traces) | none (GRPO only)
+    distill: str = "opsd"         # opsd (paper) | sft (kept traces) | none (GRPO only)
     distill_questions: int = 24   # training questions rolled out for self-distillation per round
-    distill_lr: float = 3e-5      # chosen on dev: 1e-4 collapsed every answer to a year, 2e-5 moved nothing
-    kl_topk: int = 1              # departs from the paper's full-vocabulary KL: see distill.py's kl_topk
+    distill_lr: float = 3e-5
+    distill_loss: str = "kl"      # kl (the paper's full-vocabulary forward KL) | top1_ce (distill.py)
+    kl_clip: float = 0.0          # per-entry clip of the KL's terms; 0 = off
+    sibling_rule: str = "efficient"   # efficient | shortest | searched (distill.py)
+    student_rule: str = "all"     # all | most_different
+    teacher_shows: str = "queries"    # queries | full | none (the no-hint control)
     # rollouts and evaluation
     max_turns: int = 4
     topk: int = 3
     max_turn_tokens: int = 96
     max_obs_tokens: int = 256
     max_total_tokens: int = 640
-    temperature: float = 1.0
+    temperature: float = 1.0      # sampling; GRPO's log-probs are taken at the same temperature
     batch_size: int = 64          # rollout slots decoded together
     eval_questions: int = 60      # first N of dev and of test, greedy
     show: int = 2                 # sample trajectories printed per round
+
+
+CHOICES = {"distill": ("opsd", "sft", "none"), "warmup": ("auto", "on", "off"), "distill_loss": ("kl", "top1_ce"),
+           "on_search_error": ("observe", "stop"), "sibling_rule": ("efficient", "shortest", "searched"),
+           "student_rule": ("all", "most_different"), "teacher_shows": ("queries", "full", "none")}
 
 
 def parse_config(argv: list[str]) -> Config:
@@ -100,11 +107,9 @@ def parse_config(argv: list[str]) -> Config:
         except ValueError:
             sys.exit(f"--{key} needs a {kind.__name__}, got {value!r}")
     checks = [(cfg.group_size >= 2 or cfg.grpo_steps == 0, "GRPO needs group_size >= 2"),
-              (cfg.distill in ("ofsd", "sft", "none"), "distill is ofsd, sft or none"),
-              (cfg.warmup in ("auto", "on", "off"), "warmup is auto, on or off"),
               (cfg.rounds >= 0 and cfg.max_turns >= 1, "rounds >= 0 and max_turns >= 1"),
-              (cfg.on_search_error in ("observe", "stop"), "on_search_error is observe or stop"),
               (cfg.max_bad_steps >= 1, "max_bad_steps >= 1")]
+    checks += [(getattr(cfg, k) in v, f"{k} is one of {', '.join(v)}") for k, v in CHOICES.items()]
     bad = [msg for ok, msg in checks if not ok]
     if bad:
         sys.exit(f"invalid config: {bad[0]}")
@@ -124,58 +129,34 @@ def reward(trajs: list[Trajectory], gold: dict[str, list[str]]) -> float:
     return parallel.all_sum(sum(t.reward for t in trajs)) / max(parallel.all_sum(len(trajs)), 1)
 
 
-def sample_trajectories(cfg, actor, tok, questions, retriever, seed, desc):
+def sample_trajectories(cfg, actor, tok, questions, retriever, seed, desc, m: dict, name: str):
+    """G rollouts per question; m gets the phase's time and its generated and context (prefilled) tokens."""
     from tqdm import tqdm
-    with tqdm(total=len(questions) * cfg.group_size, desc=desc, unit="traj", leave=False, disable=None) as bar:
-        return rollout(actor, tok, questions, retriever,
-                       rollout_cfg(cfg, group_size=cfg.group_size, seed=seed), progress=bar)
-
-
-def evaluate_all(actor, tok, questions, retriever, rc, desc):
-    """Greedy agent on this process's shard of the questions; metrics over all of them."""
-    m, records = evaluate(actor, tok, parallel.shard(questions), retriever, "agent", rc, desc=desc)
-    return parallel.merge_metrics(m), records
+    with phase(m, name), tqdm(total=len(questions) * cfg.group_size, desc=desc, unit="traj", leave=False,
+                              disable=None) as bar:
+        trajs = rollout(actor, tok, questions, retriever, rollout_cfg(cfg, group_size=cfg.group_size, seed=seed),
+                        progress=bar)
+    gen = int(parallel.all_sum(sum(t.n_generated for t in trajs)))
+    m[f"{name}_gen_tokens"] = m.get(f"{name}_gen_tokens", 0) + gen
+    m[f"{name}_ctx_tokens"] = m.get(f"{name}_ctx_tokens", 0) + int(
+        parallel.all_sum(sum(len(t.token_ids) for t in trajs))) - gen
+    return trajs
 
 
 def evaluate_round(cfg, actor, tok, dev, test, retriever) -> dict:
-    """dev and test in one greedy rollout call: more rows decode together (rollout.py)."""
-    m, records = evaluate(actor, tok, parallel.shard(dev + test), retriever, "agent", rollout_cfg(cfg), desc="eval")
+    """Dev, the per-round monitor, and test (given only at round 0 and the last round), in one greedy rollout
+    call: more rows decode together (rollout.py)."""
+    _, records = evaluate(actor, tok, parallel.shard(dev + test), retriever, "agent", rollout_cfg(cfg), desc="eval")
     test_ids = {q["id"] for q in test}
-    m_dev, m_test = (parallel.merge_metrics(summarize([r for r in records if (r["id"] in test_ids) == is_test]))
-                     for is_test in (False, True))
-    return {"dev_em": m_dev["em"], "test_em": m_test["em"], "test_f1": m_test["f1"],
-            "searches_per_q": m_test["searches_per_q"], "gen_tokens_per_q": m_test["gen_tokens_per_q"],
-            "invalid_actions": m_test["invalid_actions"], "truncated": m_test["truncated"],
-            "eval_seconds": m["seconds"]}, records
-
-
-def save_round(policy, tok, out: Path, r: int, metrics: dict):
-    """Atomic (checkpoint.py): a temp folder, fsynced and renamed, so a half-written round is never loaded."""
-    check_finite(policy, f"round {r}")
-    tmp = out / f".round_{r}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_policy(policy, tok, tmp)
-    (tmp / "metrics.json").write_text(json.dumps(metrics))
-    crash_point(f"save:{r}")
-    commit(tmp, out / f"round_{r}")
-    crash_point(f"saved:{r}")
-    rebuild_metrics(out)
-    plot(out)
-
-
-def plot(out: Path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print("matplotlib not installed: no em_by_round.png", file=sys.stderr)
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for key in ("dev_em", "test_em"):
-        ax.plot([m["round"] for m in rows], [m[key] for m in rows], marker="o", label=key)
-    ax.set_xlabel("round (0 = after warm-up)"); ax.set_ylabel("exact match"); ax.legend(); ax.grid(alpha=.3)
-    fig.tight_layout(); fig.savefig(out / "em_by_round.png", dpi=120); plt.close(fig)
+    on = lambda split: [r for r in records if (r["id"] in test_ids) == (split == "test")]
+    m_dev, m_test = (parallel.merge_metrics(summarize(on(s))) for s in ("dev", "test"))
+    hop2 = parallel.merge_metrics(by_hop(on("dev"))["hop2"])
+    return {"dev_em": m_dev["em"], "test_em": m_test["em"] if test else None,
+            "test_f1": m_test["f1"] if test else None, "dev_hop2_em": hop2["em"],
+            "dev_hop2_searches_per_q": hop2["searches_per_q"], "searches_per_q": m_dev["searches_per_q"],
+            "gen_tokens_per_q": m_dev["gen_tokens_per_q"], "invalid_actions": m_dev["invalid_actions"],
+            "truncated": m_dev["truncated"], "eval_gen_tokens": int(m_dev["gen_tokens_per_q"] * m_dev["n"] +
+                                                                     m_test["gen_tokens_per_q"] * m_test["n"])}
 
 
 def release_freed_memory():
@@ -185,6 +166,8 @@ def release_freed_memory():
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
 
 
 def main(argv=None):
@@ -212,30 +195,36 @@ def main(argv=None):
     policy.train()
     if cfg.checkpointing:         # same gradients (the forward is recomputed exactly); keeps the run under 6 GB
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    bad = 0  # optimizer steps skipped in a row (grpo.count_bad_steps)
+    opt = make_optimizer(policy)
+    if done and (out / f"round_{start}" / "optimizer.safetensors").exists():
+        load_optimizer(opt, policy, out / f"round_{start}" / "optimizer.safetensors")
+    bad = 0  # optimizer steps skipped in a row (train.count_bad_steps)
     actor = copy.deepcopy(policy).to(getattr(torch, cfg.rollout_dtype)).eval()
     sync = lambda: actor.load_state_dict(policy.state_dict())
     cursor = len(splits["train"]) // 4  # the warm-up uses train[:cursor]; rounds draw from the rest
 
     if start is None:  # round 0: warm-up if needed, then the baseline every later round is compared with
-        t0 = time.time()
-        probe_m, _ = evaluate_all(actor, tok, train[cursor:cursor + 8], retriever, rollout_cfg(cfg), "probe")
-        probe_reward = probe_m["em"]  # greedy on 8 training questions: cheap, and enough to see "never right"
-        warm = cfg.warmup == "on" or (cfg.warmup == "auto" and probe_reward == 0)
-        print(f"probe reward {probe_reward:.3f} on 8 training questions -> warm-up {'on' if warm else 'off'}")
-        n_warm = 0
-        if warm:
-            traces = scripted_traces(tok, parallel.shard(train[:cfg.warmup_questions]), retriever, rollout_cfg(cfg))
-            n_warm = int(parallel.all_sum(len(traces)))
-            stats = distill(policy, tok, traces, DistillConfig(method="sft", lr=cfg.warmup_lr, per_question_cap=1,
-                                                                  seed=cfg.seed))
-            bad = count_bad_steps(bad, stats, cfg.max_bad_steps, "warm-up")
-            print(f"warm-up: cloned {n_warm} scripted traces, loss {stats['loss']:.3f}")
-            sync()
-        metrics, _ = evaluate_round(cfg, actor, tok, dev, test, retriever)
-        metrics = {"round": 0, **metrics, "reward_mean": probe_reward, "kept": n_warm, "warmup": warm,
+        t0, m = time.time(), {}
+        with phase(m, "warmup"):
+            probe_m, _ = evaluate(actor, tok, parallel.shard(train[cursor:cursor + 8]), retriever, "agent",
+                                  rollout_cfg(cfg), desc="probe")  # greedy on 8: enough to see "never right"
+            probe_reward = parallel.merge_metrics(probe_m)["em"]
+            warm = cfg.warmup == "on" or (cfg.warmup == "auto" and probe_reward == 0)
+            print(f"probe reward {probe_reward:.3f} on 8 training questions -> warm-up {'on' if warm else 'off'}")
+            n_warm = 0
+            if warm:
+                stats = warm_up(policy, tok, opt, parallel.shard(train[:cfg.warmup_questions]), retriever,
+                                rollout_cfg(cfg), DistillConfig(method="sft", lr=cfg.warmup_lr, per_question_cap=1,
+                                                               warmup_steps=cfg.lr_warmup_steps, seed=cfg.seed))
+                n_warm = int(parallel.all_sum(stats["n_kept"]))
+                bad = count_bad_steps(bad, stats, cfg.max_bad_steps, "warm-up")
+                print(f"warm-up: cloned {n_warm} scripted traces, loss {stats['loss']:.3f}")
+                sync()
+        with phase(m, "eval"):
+            m.update(evaluate_round(cfg, actor, tok, dev, test, retriever))
+        metrics = {"round": 0, **m, "reward_mean": probe_reward, "kept": n_warm, "warmup": warm,
                    "seconds": round(time.time() - t0, 1)}
-        if rank == 0: save_round(policy, tok, out, 0, metrics)  # noqa: E701
+        if rank == 0: save_round(policy, opt, tok, out, 0, metrics)  # noqa: E701
         print("round 0:", json.dumps(metrics))
         start = 0
 
@@ -243,57 +232,62 @@ def main(argv=None):
     ref = None if cfg.kl_coef == 0 or cfg.grpo_steps == 0 else copy.deepcopy(actor) if fresh is None else \
         load_policy(str(out / "round_0"), cfg.device or None, "float32")[0].to(actor.dtype).eval()
     per_round = cfg.grpo_steps * cfg.grpo_questions + cfg.distill_questions
+    gcfg = GRPOConfig(lr=cfg.grpo_lr, warmup_steps=cfg.lr_warmup_steps, kl_coef=cfg.kl_coef,
+                      temperature=cfg.temperature)
+    dcfg = DistillConfig(method=cfg.distill, loss=cfg.distill_loss, kl_clip=cfg.kl_clip, lr=cfg.distill_lr,
+                         warmup_steps=cfg.lr_warmup_steps, sibling_rule=cfg.sibling_rule,
+                         student_rule=cfg.student_rule, teacher_shows=cfg.teacher_shows)
     for r in range(start + 1, cfg.rounds + 1):
-        t0 = time.time()
+        t0, m = time.time(), {}
         torch.manual_seed(cfg.seed * 1000 + r)
         lo = cursor + (r - 1) * per_round
         pool = [train[(lo + i) % len(train)] for i in range(per_round)]  # wraps around on long runs
         # 1) vanilla GRPO
-        gcfg = GRPOConfig(lr=cfg.grpo_lr, kl_coef=cfg.kl_coef, seed=cfg.seed + r)
-        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.grpo_lr, weight_decay=0.0)
         g_rewards, zero_groups = [], 0
         for s in range(cfg.grpo_steps):
             qs = parallel.shard(pool[s * cfg.grpo_questions:(s + 1) * cfg.grpo_questions])
-            trajs = sample_trajectories(cfg, actor, tok, qs, retriever, cfg.seed + 100 * r + s, f"r{r} grpo {s + 1}")
+            trajs = sample_trajectories(cfg, actor, tok, qs, retriever, cfg.seed + 100 * r + s, f"r{r} grpo {s + 1}",
+                                        m, "rollout_grpo")
             g_rewards.append(reward(trajs, gold))
             crash_point(f"rollouts:{r}")
-            stats = grpo_step(policy, ref, opt, trajs, gcfg, tok.pad_token_id)
-            bad = count_bad_steps(bad, stats, cfg.max_bad_steps, f"round {r} grpo step {s + 1}")
-            zero_groups += int(parallel.all_sum(stats["n_zero_groups"]))
-            sync()
-        del opt  # its AdamW moments (2x the weights) must not sit beside distill()'s own
-        # 2) the policy rolls out on its own training questions, then self-distils
+            with phase(m, "train_grpo"):
+                stats = grpo_step(policy, ref, opt, trajs, dataclasses.replace(gcfg, seed=cfg.seed + r),
+                                  tok.pad_token_id)
+                bad = count_bad_steps(bad, stats, cfg.max_bad_steps, f"round {r} grpo step {s + 1}")
+                zero_groups += int(parallel.all_sum(stats["n_zero_groups"]))
+                sync()
+        # 2) the policy rolls out on its own training questions, then self-distils from the frozen post-GRPO actor
         qs = parallel.shard(pool[cfg.grpo_steps * cfg.grpo_questions:])
-        kept = 0
-        d_reward = float("nan")
+        kept, d_reward, diag = 0, float("nan"), {}
         if cfg.distill != "none" and parallel.all_sum(len(qs)):
-            trajs = sample_trajectories(cfg, actor, tok, qs, retriever, cfg.seed + 100 * r + 99, f"r{r} rollouts")
+            trajs = sample_trajectories(cfg, actor, tok, qs, retriever, cfg.seed + 100 * r + 99, f"r{r} rollouts",
+                                        m, "rollout_distill")
             d_reward = reward(trajs, gold)
-            dstats = distill(policy, tok, trajs, DistillConfig(method=cfg.distill, lr=cfg.distill_lr, kl_topk=cfg.kl_topk,
-                                                                  seed=cfg.seed + r))
-            kept = int(parallel.all_sum(dstats["n_pairs"] or dstats["n_kept"]))
-            bad = count_bad_steps(bad, dstats, cfg.max_bad_steps, f"round {r} distill")
-            sync()
+            with phase(m, "train_distill"):
+                dstats = distill(policy, tok, trajs, dataclasses.replace(dcfg, seed=cfg.seed + r), opt, teacher=actor)
+                kept = int(parallel.all_sum(dstats["n_pairs"] or dstats["n_kept"]))
+                bad = count_bad_steps(bad, dstats, cfg.max_bad_steps, f"round {r} distill")
+                sync()
+            diag = {k: dstats[k] for k in ("format_valid", "kl_before", "disagree_rate", "kl_think", "kl_query",
+                                           "kl_answer") if k in dstats}
             for t in trajs[::cfg.group_size][:cfg.show]:  # a few, so a student sees the agent change
                 print(f"  Q: {t.question}\n  -> queries {t.queries} answer {t.answer!r} reward {t.reward}")
         crash_point(f"trained:{r}")
-        # 3) evaluate and checkpoint
-        metrics, records = evaluate_round(cfg, actor, tok, dev, test, retriever)
+        # 3) evaluate (dev every round; test at the last round only) and checkpoint
+        with phase(m, "eval"):
+            m.update(evaluate_round(cfg, actor, tok, dev, test if r == cfg.rounds else [], retriever))
         all_rewards = g_rewards + ([d_reward] if d_reward == d_reward else [])
-        metrics = {"round": r, **metrics, "reward_mean": sum(all_rewards) / max(len(all_rewards), 1),
+        metrics = {"round": r, **m, "reward_mean": sum(all_rewards) / max(len(all_rewards), 1),
                    "grpo_reward": g_rewards, "zero_adv_groups": zero_groups, "distill_reward": d_reward,
-                   "kept": kept, "seconds": round(time.time() - t0, 1)}
-        if rank == 0: save_round(policy, tok, out, r, metrics)  # noqa: E701
-        print(f"round {r}: dev EM {metrics['dev_em']:.3f} test EM {metrics['test_em']:.3f} "
-              f"reward {metrics['reward_mean']:.3f} kept {kept} searches/q {metrics['searches_per_q']:.2f} "
+                   "kept": kept, **diag, "seconds": round(time.time() - t0, 1)}
+        if rank == 0: save_round(policy, opt, tok, out, r, metrics)  # noqa: E701
+        print(f"round {r}: dev EM {metrics['dev_em']:.3f} (2-hop {metrics['dev_hop2_em']:.3f}) reward "
+              f"{metrics['reward_mean']:.3f} kept {kept} searches/q {metrics['searches_per_q']:.2f} "
               f"({metrics['seconds']:.0f} s)")
     if rank:
         return None
     rows = rebuild_metrics(out)
-    print(f"\n{'round':>5} {'dev EM':>7} {'test EM':>8} {'reward':>7} {'kept':>5} {'search/q':>8} {'s':>6}")
-    for m in rows:
-        print(f"{m['round']:>5} {m['dev_em']:>7.3f} {m['test_em']:>8.3f} {m['reward_mean']:>7.3f} "
-              f"{m['kept']:>5} {m['searches_per_q']:>8.2f} {m['seconds']:>6.0f}")
+    print_summary(rows)
     print(f"total {time.time() - t_start:.0f} s; checkpoints and metrics.jsonl in {out}/")
     return rows
 

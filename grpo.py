@@ -1,38 +1,36 @@
-"""Vanilla GRPO: the reinforcement-learning rounds of Search-E1, run as Search-R1 runs them.
+"""Vanilla GRPO: the reinforcement-learning rounds of Search-E1, run as Search-R1 runs them (paper, Sec. 3.2).
 
-Search-E1 alternates GRPO rounds with self-distillation rounds (distill.py). In a GRPO round the policy
-samples G trajectories per question (rollout.py), each is rewarded by exact match alone (eval.py; the
-caller sets t.reward), rewards are normalised within each question's group, and the policy takes PPO-clip
-steps on the tokens it wrote itself (rollout.py's loss_mask: prompt and <information> tokens get no gradient).
+In a GRPO round the policy samples G trajectories per question (rollout.py), each is rewarded by exact match
+alone (eval.py; the caller sets t.reward), rewards are normalised within each question's group, and the policy
+takes PPO-clip steps on the tokens it wrote itself (rollout.py's loss_mask: prompt and <information> tokens
+get no gradient). The objective is grpo_token_loss, a pure function; train.py turns it into updates.
 
-From the paper / Search-R1 (verl): lr 1e-6, clip 0.2, KL to a frozen reference with coefficient 0.001 and
-verl's "low_var_kl" (the k3 estimator, clamped to [-10, 10]), group std as torch.std (unbiased, n-1),
-token-mean loss aggregation, gradient clipping at 1.0.
+From the paper / Search-R1 (verl): clip 0.2, KL to a frozen reference with coefficient 0.001 and verl's
+"low_var_kl" (the k3 estimator of KL(policy || ref), clamped to [-10, 10]), group std as torch.std (unbiased,
+n-1), token-mean loss aggregation, gradient clipping at 1.0; log-probs at the sampling temperature (verl
+divides the logits by it), so the gradient belongs to the policy that sampled.
 This project's choices: the token-mean is exact over each optimizer mini-batch (verl averages per-micro-batch
-means, which depends on the micro-batch size); groups whose rewards are all equal are skipped before any
-forward pass; with one epoch and one mini-batch the old log-probs are the current ones detached (identical
-values, one forward pass fewer); bf16 autocast on by default (CPU: 252 vs 150 tok/s for fwd+bwd here).
-
-The helpers up top (optimizer_step, chunks, autocast, split) are shared with distill.py. Under torchrun each
-process passes its own groups; parallel.py makes the step equal to one process's step on all of them.
+means); groups whose rewards are all equal are skipped before any forward pass; bf16 autocast.
+At the defaults (one epoch, one mini-batch) the old log-probs are the current ones detached: the ratio is 1,
+PPO-clip never acts, and the step is REINFORCE with a group-normalised baseline (plus the KL term).
 """
 import itertools
-import math
-import random
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from model import response_logits, token_logp, pack
-from parallel import all_sum, batches, sum_grads
+from model import pack, response_logits, token_logp
+from parallel import all_sum
+from train import autocast, chunks, split, train
 
 
 @dataclass
 class GRPOConfig:
-    lr: float = 1e-6            # the paper's; read by the caller when it builds the optimizer. A tiny CPU model needs far more.
+    lr: float = 1e-6            # the paper's (3B); a 135M model on a few steps needs far more (evolve.py)
+    warmup_steps: int = 0       # linear lr ramp over the run's first optimizer steps (train.set_lr)
     clip_eps: float = 0.2
     kl_coef: float = 0.001      # k3 KL to the frozen reference; 0 (or ref=None) = no reference forward at all
+    temperature: float = 1.0    # the rollouts' sampling temperature: log-probs are taken at it
     ppo_epochs: int = 1
     minibatch: int = 0          # trajectories per optimizer step; 0 = all trained trajectories in one step
     micro_batch: int = 2        # rows per forward; gradients accumulate across micro-batches (bounds memory)
@@ -40,57 +38,6 @@ class GRPOConfig:
     max_grad_norm: float = 1.0  # 0 = no clipping
     adv_eps: float = 1e-6
     seed: int = 0               # mini-batch shuffling
-
-
-def chunks(xs: list, n: int) -> list[list]:
-    return [xs[i:i + n] for i in range(0, len(xs), max(n, 1))]
-
-
-def autocast(model, enabled: bool):
-    return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def split(t):
-    """A trajectory as (prompt ids, response ids, response loss mask)."""
-    return t.token_ids[:t.prompt_len], t.token_ids[t.prompt_len:], t.loss_mask[t.prompt_len:]
-
-
-def optimizer_step(model, optimizer, loss_value: float, max_grad_norm: float):
-    """Sum gradients over processes, clip and step. A non-finite loss (summed over processes too) or gradient
-    norm skips the step and drops its gradients, so one bad batch never poisons the weights. Returns
-    (stepped, grad_norm)."""
-    sum_grads(model)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
-    ok = math.isfinite(loss_value) and bool(torch.isfinite(norm))
-    if ok:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return ok, float(norm)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on safely: too many non-finite steps in a row, or non-finite weights to save."""
-
-
-def count_bad_steps(bad: int, stats: dict, limit: int, where: str) -> int:
-    """Consecutive skipped steps after one grpo_step / distill call's stats (its skips count as its last
-    steps: an upper bound). Logs skips; raises TrainingError at limit, so a run that cannot recover stops
-    before it saves anything."""
-    bad = bad + stats["n_skipped"] if stats["steps"] == 0 else stats["n_skipped"]
-    if stats["n_skipped"]:
-        print(f"{where}: skipped {stats['n_skipped']} of {stats['steps'] + stats['n_skipped']} optimizer steps "
-              f"(non-finite loss or gradient); {bad} in a row", file=sys.stderr)
-    if bad >= limit:
-        raise TrainingError(f"{where}: {bad} optimizer steps in a row had a non-finite loss or gradient "
-                            f"(max_bad_steps={limit}); stopping without saving this round")
-    return bad
-
-
-def check_finite(model, where: str):
-    """Refuse to save a poisoned checkpoint."""
-    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if bad:
-        raise TrainingError(f"{where}: non-finite weights in {len(bad)} tensors (e.g. {bad[0]}); not saving them")
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -104,27 +51,36 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return torch.where(same, torch.zeros_like(rewards), (rewards - mean) / (std + eps))
 
 
-def _logp(model, rows, pad_id, cfg):
-    """(B, R) log-probs of the rows' response tokens, 0 off the loss mask (only policy tokens need the head)."""
+def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(policy || ref) from tokens the policy sampled: e^d - d - 1 with d = log ref - log
+    policy (>= 0, unbiased, low variance); clamped as verl does."""
+    d = ref_logp - logp
+    return (d.exp() - d - 1).clamp(-10, 10)
+
+
+def grpo_token_loss(logp, old_logp, adv, clip_eps: float = 0.2, ref_logp=None, kl_coef: float = 0.0):
+    """The GRPO objective per token (to minimise): max(-A r, -A clip(r, 1-eps, 1+eps)) + kl_coef k3,
+    r = p / p_old. logp, old_logp, ref_logp: per-token log-probs; adv: the token's trajectory's advantage.
+    Returns (loss per token, whether the clip was active)."""
+    ratio = torch.exp(logp - old_logp)
+    pg, pg_clip = -adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    loss = torch.maximum(pg, pg_clip)
+    if ref_logp is not None and kl_coef:
+        loss = loss + kl_coef * k3(logp, ref_logp)
+    return loss, pg_clip > pg
+
+
+def logprobs(model, rows, pad_id, cfg: GRPOConfig):
+    """(B, R) log-probs of the rows' response tokens at cfg.temperature, 0 off the loss mask; and the mask."""
     ids, attn, mask = pack(*zip(*map(split, rows)), pad_id, model.device)
     R, keep = mask.shape[1], mask.bool()
     with autocast(model, cfg.autocast_bf16):
-        logits = response_logits(model, ids, attn, R, keep)
-    return mask.masked_scatter(keep, token_logp(logits, ids[:, -R:][keep])), mask
-
-
-def _fill(vals, like):
-    """Per-trajectory 1-D tensors into like's shape; pad positions take like's own values (ratio 1, KL 0)."""
-    out = like.detach().clone()
-    for k, v in enumerate(vals):
-        out[k, :len(v)] = v
-    return out
+        logits = response_logits(model, ids, attn, R, keep)  # only policy tokens need the head
+    return mask.masked_scatter(keep, token_logp(logits.float() / cfg.temperature, ids[:, -R:][keep])), mask
 
 
 def grpo_step(policy, ref, optimizer, trajs: list, cfg: GRPOConfig, pad_id: int) -> dict:
-    """One GRPO update on a batch of trajectories, grouped G consecutive per question (same qid), t.reward set.
-    Loss per token: max(-A r, -A clip(r, 1-eps, 1+eps)) + kl_coef * k3(ref || policy), r = p / p_old,
-    averaged over the mini-batch's policy-generated tokens (token-mean)."""
+    """One GRPO update on a batch of trajectories, grouped G consecutive per question (same qid), t.reward set."""
     groups = [list(g) for _, g in itertools.groupby(range(len(trajs)), key=lambda i: trajs[i].qid)]
     adv, active, n_zero = torch.zeros(len(trajs)), [], 0
     for g in groups:
@@ -135,58 +91,47 @@ def grpo_step(policy, ref, optimizer, trajs: list, cfg: GRPOConfig, pad_id: int)
         else:
             active += g
     rewards = [float(t.reward) for t in trajs]
+    n_tok = [sum(split(trajs[i])[2]) for i in active]
     stats = dict(loss=0.0, kl=0.0, clip_frac=0.0, n_groups=len(groups), n_zero_groups=n_zero,
-                 reward_mean=sum(rewards) / max(len(rewards), 1), n_trained=len(active),
-                 tokens=sum(sum(split(trajs[i])[2]) for i in active), steps=0, n_skipped=0, skipped=False,
-                 grad_norm=0.0)
+                 reward_mean=sum(rewards) / max(len(rewards), 1), n_trained=len(active), tokens=sum(n_tok),
+                 steps=0, n_skipped=0, skipped=False, grad_norm=0.0)
     n_active = all_sum(len(active))  # over every process: all of them step, or none
     if not n_active:
         return stats
-    resp_len = lambda i: len(trajs[i].token_ids) - trajs[i].prompt_len
+    rows = [trajs[i] for i in active]
     mb_size = cfg.minibatch or n_active
 
     @torch.no_grad()
-    def per_traj(model):  # log-probs frozen before any update, one 1-D tensor per trajectory
+    def frozen(model):              # per-row log-probs taken before any update
         out = {}
-        for micro in chunks(sorted(active, key=resp_len), cfg.micro_batch):
-            lp, _ = _logp(model, [trajs[i] for i in micro], pad_id, cfg)
-            out.update({i: lp[k, :resp_len(i)] for k, i in enumerate(micro)})
+        for micro in chunks(range(len(rows)), cfg.micro_batch):
+            lp, _ = logprobs(model, [rows[i] for i in micro], pad_id, cfg)
+            out.update({i: lp[k] for k, i in enumerate(micro)})
         return out
 
-    use_ref = ref is not None and cfg.kl_coef > 0
-    ref_lp = per_traj(ref) if use_ref else None
-    old_lp = per_traj(policy) if cfg.ppo_epochs > 1 or mb_size < n_active else None
-    rng, losses, sums = random.Random(cfg.seed), [], dict(kl=0.0, clip=0.0, tok=0.0)
-    optimizer.zero_grad(set_to_none=True)
-    for epoch in range(cfg.ppo_epochs):
-        order = list(active)
-        if old_lp is not None:
-            rng.shuffle(order)
-        for mini in batches(order, mb_size):
-            denom = all_sum(sum(sum(split(trajs[i])[2]) for i in mini))  # the global token-mean
-            total = 0.0
-            for micro in chunks(sorted(mini, key=resp_len), cfg.micro_batch):  # similar lengths: less padding
-                lp, mask = _logp(policy, [trajs[i] for i in micro], pad_id, cfg)
-                old = lp.detach() if old_lp is None else _fill([old_lp[i] for i in micro], lp)
-                a = adv[micro].to(lp.device)[:, None]
-                ratio = torch.exp(lp - old)
-                pg, pg_clip = -a * ratio, -a * ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
-                per_tok = torch.maximum(pg, pg_clip)
-                if use_ref:
-                    d = _fill([ref_lp[i] for i in micro], lp) - lp
-                    k3 = (d.exp() - d - 1).clamp(-10, 10)
-                    per_tok = per_tok + cfg.kl_coef * k3
-                    sums["kl"] += float((k3.detach() * mask).sum())
-                loss = (per_tok * mask).sum() / max(denom, 1)
-                loss.backward()
-                total += float(loss.detach())
-                sums["clip"] += float(((pg_clip > pg).float() * mask).sum())
-                sums["tok"] += float(mask.sum())
-            total = all_sum(total)
-            ok, stats["grad_norm"] = optimizer_step(policy, optimizer, total, cfg.max_grad_norm)
-            stats["steps"] += ok
-            stats["n_skipped"] += not ok
-            losses.append(total)
-    stats.update(loss=sum(losses) / len(losses), kl=sums["kl"] / max(sums["tok"], 1),
-                 clip_frac=sums["clip"] / max(sums["tok"], 1), skipped=stats["n_skipped"] > 0)
+    def stack(d, micro, like):      # frozen per-row log-probs padded or cut to like's width (0 off the mask)
+        return torch.stack([torch.nn.functional.pad(d[i], (0, like.shape[1] - len(d[i]))) for i in micro])
+
+    ref_lp = frozen(ref) if ref is not None and cfg.kl_coef > 0 else None
+    old_lp = frozen(policy) if cfg.ppo_epochs > 1 or mb_size < n_active else None
+    sums = dict(kl=0.0, clip=0.0, tok=0.0)
+
+    def loss_fn(micro):
+        lp, mask = logprobs(policy, [rows[i] for i in micro], pad_id, cfg)
+        ref = stack(ref_lp, micro, lp) if ref_lp is not None else None
+        old = lp.detach() if old_lp is None else stack(old_lp, micro, lp)
+        a = adv[[active[i] for i in micro]].to(lp.device)[:, None]
+        per_tok, clipped = grpo_token_loss(lp, old, a, cfg.clip_eps, ref, cfg.kl_coef)
+        if ref is not None:
+            sums["kl"] += float((k3(lp.detach(), ref) * mask).sum())
+        sums["clip"] += float((clipped.float() * mask).sum())
+        sums["tok"] += float(mask.sum())
+        return (per_tok * mask).sum()
+
+    length = [len(r.token_ids) - r.prompt_len for r in rows]
+    t = train(policy, optimizer, len(rows), loss_fn, n_tok, length, cfg.lr, mb_size, cfg.micro_batch,
+              cfg.max_grad_norm, cfg.ppo_epochs, cfg.warmup_steps, cfg.seed, desc="grpo", progress=False)
+    stats.update(loss=t["loss"] if t["steps"] else float("nan"), steps=t["steps"], n_skipped=t["n_skipped"],
+                 skipped=t["n_skipped"] > 0, grad_norm=t["grad_norm"], kl=sums["kl"] / max(sums["tok"], 1),
+                 clip_frac=sums["clip"] / max(sums["tok"], 1))
     return stats

@@ -8,6 +8,7 @@ ideal_queries), read the real BM25 results, answer with the training answer, and
 be read in the results. Dev and test answers are never seen. The traces are tokenized exactly as rollout.py
 would have produced them, so the warm-up trains on the same masks and layout as every later round.
 """
+from distill import DistillConfig, distill
 from metrics import exact_match
 from rollout import RolloutConfig, Trajectory, build_prompt
 from search import safe_search
@@ -37,3 +38,9 @@ def scripted_traces(tok, questions: list[dict], retriever, rcfg: RolloutConfig) 
             t.answer, t.finished, t.n_generated = answer, True, sum(t.loss_mask)
             traces.append(t)
     return traces
+
+
+def warm_up(policy, tok, optimizer, questions: list[dict], retriever, rcfg: RolloutConfig, cfg: DistillConfig) -> dict:
+    """Clone the policy on the scripted traces of these training questions (cross-entropy, distill.py's sft);
+    distill()'s stats, whose n_kept is the number of traces cloned."""
+    return distill(policy, tok, scripted_traces(tok, questions, retriever, rcfg), cfg, optimizer)

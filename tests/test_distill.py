@@ -1,14 +1,17 @@
 """distill.py: sibling selection, which trajectories become students, the teacher's privileged context,
 the KL itself, and kept-trace SFT. Trajectories are built by hand from the real tokenizer, not rolled out."""
 import copy
+import dataclasses
+import math
 
 import pytest
 import torch
 
-from distill import (DistillConfig, distill, kept_traces, ofsd_loss, ofsd_pairs, privileged_hint,
-                     select_sibling, sft_loss, teacher_prompt_ids)
-from grpo import split
+from distill import (SPANS, DistillConfig, distill, forward_kl, kept_traces, opsd_loss, opsd_pairs, pair_logits,
+                     privileged_hint, select_sibling, select_students, sft_loss, span_labels, teacher_prompt_ids,
+                     top1_cross_entropy)
 from model import pack, response_logits
+from train import load_optimizer, make_optimizer, save_optimizer, split
 from rollout import Trajectory, build_prompt
 
 Q = "What is the capital of France?"
@@ -50,10 +53,10 @@ def test_select_sibling_takes_fewest_searches_then_fewest_tokens(tok):
 def test_students_are_every_other_trajectory_and_unsolved_questions_yield_nothing(tok):
     solved = group(tok, "q1")
     unsolved = [make_traj(tok, "q2", ["x"], "Lyon", 0.0), make_traj(tok, "q2", [], "Nice", 0.0)]
-    pairs = ofsd_pairs(tok, solved + unsolved, DistillConfig())
+    pairs = opsd_pairs(tok, solved + unsolved, DistillConfig())
     assert [p.student for p in pairs] == [solved[0], solved[1], solved[3]]  # the incorrect one included
     assert all(p.sibling is solved[2] for p in pairs)
-    assert ofsd_pairs(tok, unsolved, DistillConfig()) == []
+    assert opsd_pairs(tok, unsolved, DistillConfig()) == []
 
 
 def test_privileged_hint_sits_inside_the_user_turn(tok):
@@ -79,30 +82,51 @@ def peaked(tiny):
     return model
 
 
-def test_kl_is_zero_when_teacher_and_student_contexts_are_equal(tok, peaked):
-    pairs = ofsd_pairs(tok, group(tok), DistillConfig(teacher_shows="none"))
-    kl, n = ofsd_loss(peaked, pairs, tok.pad_token_id)
-    assert n > 0 and abs(kl.item()) / n <= 1e-6
-    kl, n = ofsd_loss(peaked, ofsd_pairs(tok, group(tok), DistillConfig()), tok.pad_token_id)
-    assert kl.item() / n > 1e-3  # the privileged hint really changes the teacher
+def test_forward_kl_hand_example():
+    """p_T = (1/2, 1/2), p_S = (1/4, 3/4): KL = 1/2 log 2 + 1/2 log(2/3); clipped terms; equal logits give 0."""
+    t, s = torch.log(torch.tensor([[0.5, 0.5]])), torch.log(torch.tensor([[0.25, 0.75]]))
+    torch.testing.assert_close(forward_kl(t, s), torch.tensor([0.5 * math.log(2) + 0.5 * math.log(2 / 3)]))
+    s2 = torch.log(torch.tensor([[0.4, 0.6]]))  # terms 0.5 log 1.25 = 0.112 (clipped to 0.1) and 0.5 log(5/6)
+    torch.testing.assert_close(forward_kl(t, s2, clip=0.1), torch.tensor([0.1 + 0.5 * math.log(5 / 6)]))
+    assert forward_kl(s, s).item() == 0.0
+    torch.testing.assert_close(top1_cross_entropy(torch.tensor([[0.0, 1.0]]), s), torch.tensor([-math.log(0.75)]))
 
 
-def test_topk_kl_renormalises_the_teacher_only(tok, peaked):
-    """With kl_topk the teacher is renormalised over its top-k and the student is not, so at equal
-    contexts the KL is -log(student mass on those k tokens), not 0: it also sharpens the student."""
-    pairs = ofsd_pairs(tok, group(tok), DistillConfig(teacher_shows="none"))
-    kl, n = ofsd_loss(peaked, pairs, tok.pad_token_id, topk=20, autocast_bf16=False)
-    ids, attn, mask = pack(*zip(*(split(p.student) for p in pairs)), tok.pad_token_id)
-    with torch.no_grad():
-        p = response_logits(peaked, ids, attn, mask.shape[1])[mask.bool()].float().softmax(-1)
-    expected = -p.topk(20, -1).values.sum(-1).log().sum()
-    torch.testing.assert_close(kl.detach(), expected, rtol=1e-4, atol=1e-4)
+def no_hint_and_hinted(tok):
+    return (opsd_pairs(tok, group(tok), DistillConfig(teacher_shows=s)) for s in ("none", "queries"))
 
 
-def test_topk_one_is_cross_entropy_on_the_privileged_teachers_greedy_token(tok, peaked):
-    """evolve.py's default: at every student position, -log student(the token the hinted teacher ranks first)."""
-    pairs = ofsd_pairs(tok, group(tok), DistillConfig())
-    kl, n = ofsd_loss(peaked, pairs, tok.pad_token_id, topk=1, autocast_bf16=False)
+def test_the_no_hint_control_changes_only_the_teachers_context(tok):
+    none, hinted = no_hint_and_hinted(tok)
+    assert [(p.student, p.sibling) for p in none] == [(p.student, p.sibling) for p in hinted]
+    plain = tok(build_prompt(tok, Q), add_special_tokens=False).input_ids
+    assert all(p.teacher_prompt == plain for p in none)
+    assert all(p.teacher_prompt != plain for p in hinted)
+
+
+def test_at_the_start_of_a_phase_the_kl_is_zero_without_a_hint_and_positive_with_one(tok, peaked):
+    """distill()'s default loss, measured on each batch before its update, with the frozen snapshot teacher."""
+    kl = {}
+    for shows in ("none", "queries"):
+        cfg = DistillConfig(teacher_shows=shows, lr=1e-3, batch_size=16, progress=False)
+        kl[shows] = distill(copy.deepcopy(peaked), tok, group(tok), cfg)["kl_before"]
+    assert abs(kl["none"]) <= 1e-6 and kl["queries"] > 1e-3
+
+
+def test_the_teacher_is_frozen_for_the_whole_phase(tok, peaked):
+    """Three epochs of steps move the student; the teacher's logits on the same pairs stay the same."""
+    policy, teacher = copy.deepcopy(peaked), copy.deepcopy(peaked)
+    pairs = opsd_pairs(tok, group(tok), DistillConfig())
+    t_before, s_before, _ = pair_logits(policy, teacher, pairs, tok.pad_token_id)
+    stats = distill(policy, tok, group(tok), DistillConfig(lr=1e-3, epochs=3, progress=False), teacher=teacher)
+    t_after, s_after, _ = pair_logits(policy, teacher, pairs, tok.pad_token_id)
+    assert stats["steps"] == 3
+    assert torch.equal(t_before, t_after) and not torch.equal(s_before, s_after.detach())
+
+
+def test_top1_ce_is_cross_entropy_on_the_privileged_teachers_greedy_token(tok, peaked):
+    pairs = opsd_pairs(tok, group(tok), DistillConfig())
+    loss = opsd_loss(peaked, peaked, pairs, tok.pad_token_id, DistillConfig(loss="top1_ce", autocast_bf16=False))
     s_ids, s_attn, mask = pack(*zip(*(split(p.student) for p in pairs)), tok.pad_token_id)
     _, resp, masks = zip(*(split(p.student) for p in pairs))
     t_ids, t_attn, _ = pack([p.teacher_prompt for p in pairs], resp, masks, tok.pad_token_id)
@@ -110,30 +134,66 @@ def test_topk_one_is_cross_entropy_on_the_privileged_teachers_greedy_token(tok, 
     with torch.no_grad():
         greedy = response_logits(peaked, t_ids, t_attn, R)[keep].argmax(-1)
         s_logp = response_logits(peaked, s_ids, s_attn, R)[keep].float().log_softmax(-1)
-    assert n == int(keep.sum())
-    torch.testing.assert_close(kl.detach(), -s_logp.gather(-1, greedy[:, None]).sum(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss.detach(), -s_logp.gather(-1, greedy[:, None]).sum(), rtol=1e-4, atol=1e-4)
 
 
 def test_kl_counts_only_the_students_policy_tokens_and_only_the_student_has_gradient(tok, tiny):
-    pairs = ofsd_pairs(tok, group(tok), DistillConfig())
-    seen = []
-    handle = tiny.get_output_embeddings().register_forward_hook(lambda m, i, out: seen.append(out.requires_grad))
-    try:
-        kl, n = ofsd_loss(tiny, pairs, tok.pad_token_id)
-    finally:
-        handle.remove()
-    assert n == sum(sum(p.student.loss_mask) for p in pairs)
-    assert seen == [False, True]  # teacher forward under no_grad, then the student's
-    assert kl.requires_grad
+    pairs = opsd_pairs(tok, group(tok), DistillConfig())
+    teacher, seen = copy.deepcopy(tiny), []
+    for m in (teacher, tiny):
+        m.get_output_embeddings().register_forward_hook(lambda mod, i, out: seen.append((out.shape[0], out.requires_grad)))
+    diag = dict(disagree=0, **{f"{k}_{s}": 0 for k in ("kl", "n") for s in SPANS})
+    loss = opsd_loss(tiny, teacher, pairs, tok.pad_token_id, DistillConfig(), diag)
+    n = sum(sum(p.student.loss_mask) for p in pairs)
+    assert seen == [(n, False), (n, True)]  # the teacher under no_grad, then the student, on the same n tokens
+    assert loss.requires_grad and sum(diag[f"n_{s}"] for s in SPANS) == n
 
 
-def test_a_few_ofsd_steps_lower_the_kl(tok, peaked):
+def test_span_labels_mark_queries_and_answers(tok):
+    t = group(tok)[3]  # one search "france", answer "Lyon"
+    resp = t.token_ids[t.prompt_len:]
+    by_span = {k: tok.decode([i for i, lab in zip(resp, span_labels(tok, t)) if lab == k]) for k in range(3)}
+    assert by_span[1].strip() == "france" and by_span[2].strip().startswith("Lyon")
+    assert "<think>" in by_span[0] and "france" not in by_span[0]
+
+
+def test_student_rules_and_the_searched_sibling_rule(tok):
+    g = group(tok)
+    assert select_students(g, g[2], "all") == [g[0], g[1], g[3]]
+    assert select_students(g, g[2], "most_different") == [g[3]]  # the wrong one first
+    lucky = make_traj(tok, "q1", [], "Paris", 1.0)  # right without searching
+    assert select_sibling(g + [lucky]) is lucky and select_sibling(g + [lucky], "searched") is g[2]
+
+
+def test_a_few_opsd_steps_lower_the_kl(tok, peaked):
+    """Toward a frozen teacher, at a small lr (at 1e-3 Adam's sign-sized first steps overshoot a KL of 0.004)."""
     policy = copy.deepcopy(peaked)
-    cfg = DistillConfig(lr=1e-3, epochs=3, micro_batch=2, progress=False)
+    cfg = DistillConfig(lr=1e-5, epochs=3, micro_batch=2, progress=False)
     stats = distill(policy, tok, group(tok), cfg)
     assert stats["n_pairs"] == 3 and stats["steps"] == 3 and stats["n_skipped"] == 0
-    assert stats["kl_before"] == stats["epoch_loss"][0] > 1e-3
+    assert stats["kl_before"] == pytest.approx(stats["epoch_loss"][0]) and stats["kl_before"] > 1e-3
     assert stats["epoch_loss"][-1] < 0.5 * stats["epoch_loss"][0]
+
+
+def test_optimizer_state_round_trips_so_training_resumes_bit_identically(tok, tiny, tmp_path):
+    """Two steps in one go == one step, save weights and AdamW state, load both into fresh objects, one step."""
+    cfg = DistillConfig(method="sft", lr=1e-3, epochs=1, batch_size=2, progress=False, autocast_bf16=False)
+    a = copy.deepcopy(tiny).train()
+    opt_a = make_optimizer(a)
+    for seed in (1, 2):
+        distill(a, tok, group(tok), dataclasses.replace(cfg, seed=seed), opt_a)
+    b = copy.deepcopy(tiny).train()
+    opt_b = make_optimizer(b)
+    distill(b, tok, group(tok), dataclasses.replace(cfg, seed=1), opt_b)
+    save_optimizer(opt_b, b, tmp_path / "optimizer.safetensors")
+    c = copy.deepcopy(b)
+    opt_c = make_optimizer(c)
+    load_optimizer(opt_c, c, tmp_path / "optimizer.safetensors")
+    distill(c, tok, group(tok), dataclasses.replace(cfg, seed=2), opt_c)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters()))
+    fresh = copy.deepcopy(b)  # control: without the state the same step lands elsewhere
+    distill(fresh, tok, group(tok), dataclasses.replace(cfg, seed=2))
+    assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), fresh.parameters()))
 
 
 def test_sft_gradient_is_zero_at_positions_whose_target_is_masked(tok, tiny):
@@ -145,7 +205,8 @@ def test_sft_gradient_is_zero_at_positions_whose_target_is_masked(tok, tiny):
         kept.append(out)
     policy.get_decoder().norm.register_forward_hook(keep_hidden)  # the last hidden state, before the head
     trajs = group(tok)[:2]  # different lengths: right padding in the response too
-    loss, n = sft_loss(policy, trajs, tok.pad_token_id, autocast_bf16=False)
+    loss = sft_loss(policy, trajs, tok.pad_token_id, autocast_bf16=False)
+    n = sum(sum(t.loss_mask) for t in trajs)
     (loss / n).backward()
     _, _, mask = pack([t.token_ids[:t.prompt_len] for t in trajs], [t.token_ids[t.prompt_len:] for t in trajs],
                       [t.loss_mask[t.prompt_len:] for t in trajs], tok.pad_token_id)
@@ -176,7 +237,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tok, tiny):
         model = copy.deepcopy(tiny).train()
         if on:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        loss, _ = sft_loss(model, group(tok), tok.pad_token_id, autocast_bf16=False)
+        loss = sft_loss(model, group(tok), tok.pad_token_id, autocast_bf16=False)
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert grads[0].abs().sum() > 0

@@ -24,9 +24,10 @@ def tiny_dir(tmp_path_factory, tok):
     (["--rounds=two"], "--rounds needs a int, got 'two'"),
     (["--grpo_lr=fast"], "--grpo_lr needs a float, got 'fast'"),
     (["--group_size=1"], "invalid config: GRPO needs group_size >= 2"),
-    (["--distill=magic"], "invalid config: distill is ofsd, sft or none"),
-    (["--on_search_error=retry"], "invalid config: on_search_error is observe or stop"),
+    (["--distill=magic"], "invalid config: distill is one of opsd, sft, none"),
+    (["--on_search_error=retry"], "invalid config: on_search_error is one of observe, stop"),
     (["--max_bad_steps=0"], "invalid config: max_bad_steps >= 1"),
+    (["--teacher_shows=all"], "invalid config: teacher_shows is one of queries, full, none"),
 ])
 def test_config_rejects_unknown_keys_bad_types_and_impossible_values_at_start_up(bad, message):
     with pytest.raises(SystemExit) as e:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from grpo import GRPOConfig, group_advantages, grpo_step
+from grpo import GRPOConfig, group_advantages, grpo_step, grpo_token_loss, k3, logprobs
 from model import pack, response_logits
 from rollout import Trajectory, build_prompt
 
@@ -56,13 +56,13 @@ def test_all_equal_groups_are_counted_and_never_forwarded(tok, tiny):
     trajs = batch(tok, [[1, 1], [0, 0]])
     before = [p.clone() for p in policy.parameters()]
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    stats = grpo_step(policy, None, opt, trajs, GRPOConfig(kl_coef=0), tok.pad_token_id)
+    stats = grpo_step(policy, None, opt, trajs, GRPOConfig(lr=1e-3, kl_coef=0), tok.pad_token_id)
     assert stats["n_groups"] == 2 and stats["n_zero_groups"] == 2 and stats["steps"] == 0
     assert stats["tokens"] == 0 and calls == []
     assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
     # a mixed group next to an all-equal one: only the mixed group's tokens are trained
     trajs = batch(tok, [[1, 0], [1, 1]])
-    stats = grpo_step(policy, None, opt, trajs, GRPOConfig(kl_coef=0, micro_batch=8), tok.pad_token_id)
+    stats = grpo_step(policy, None, opt, trajs, GRPOConfig(lr=1e-3, kl_coef=0, micro_batch=8), tok.pad_token_id)
     assert stats["n_zero_groups"] == 1 and stats["n_trained"] == 2 and stats["steps"] == 1
     assert stats["tokens"] == sum(trajs[0].loss_mask) + sum(trajs[1].loss_mask)
     assert len(calls) == 1  # one forward of the two active rows: no separate old-log-prob pass with ppo_epochs=1
@@ -81,7 +81,7 @@ def test_masked_tokens_get_zero_gradient_on_their_logits(tok, tiny):
     trajs = batch(tok, [[1, 0]])
     trajs[1].token_ids += trajs[1].token_ids[-3:]; trajs[1].loss_mask += [1, 1, 1]  # rows of different lengths
     opt = torch.optim.SGD(policy.parameters(), lr=0.0)
-    cfg = GRPOConfig(kl_coef=0.1, autocast_bf16=False, micro_batch=8)
+    cfg = GRPOConfig(lr=1e-3, kl_coef=0.1, autocast_bf16=False, micro_batch=8)
     grpo_step(policy, ref, opt, trajs, cfg, tok.pad_token_id)
     [hidden] = kept
     _, _, mask = pack([t.token_ids[:t.prompt_len] for t in trajs], [t.token_ids[t.prompt_len:] for t in trajs],
@@ -97,7 +97,7 @@ def test_one_step_with_positive_advantage_raises_that_trajectory_logprob(tok, ti
     good, bad = batch(tok, [[1, 0]])
     before = seq_logp(policy, tok, good), seq_logp(policy, tok, bad)
     opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
-    stats = grpo_step(policy, None, opt, [good, bad], GRPOConfig(kl_coef=0), tok.pad_token_id)
+    stats = grpo_step(policy, None, opt, [good, bad], GRPOConfig(lr=1e-3, kl_coef=0), tok.pad_token_id)
     assert stats["steps"] == 1 and not stats["skipped"] and stats["clip_frac"] == 0  # ratio 1 at the first step
     assert seq_logp(policy, tok, good) > before[0]
     assert seq_logp(policy, tok, bad) < before[1]
@@ -106,7 +106,7 @@ def test_one_step_with_positive_advantage_raises_that_trajectory_logprob(tok, ti
 def test_k3_kl_is_zero_when_reference_equals_policy(tok, tiny):
     policy, ref = copy.deepcopy(tiny), copy.deepcopy(tiny)
     opt = torch.optim.SGD(policy.parameters(), lr=0.0)
-    stats = grpo_step(policy, ref, opt, batch(tok, [[1, 0, 0]]), GRPOConfig(kl_coef=0.1), tok.pad_token_id)
+    stats = grpo_step(policy, ref, opt, batch(tok, [[1, 0, 0]]), GRPOConfig(lr=1e-3, kl_coef=0.1), tok.pad_token_id)
     assert abs(stats["kl"]) <= 1e-6 and stats["tokens"] > 0
 
 
@@ -115,7 +115,7 @@ def test_ppo_epochs_and_minibatches_take_one_step_per_minibatch_and_clip(tok, ti
     policy = copy.deepcopy(tiny)
     opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
     stats = grpo_step(policy, None, opt, batch(tok, [[1, 0, 0]]),
-                      GRPOConfig(kl_coef=0, ppo_epochs=2, minibatch=2, micro_batch=1), tok.pad_token_id)
+                      GRPOConfig(lr=1e-3, kl_coef=0, ppo_epochs=2, minibatch=2, micro_batch=1), tok.pad_token_id)
     assert stats["steps"] == 4 and math.isfinite(stats["loss"]) and stats["clip_frac"] > 0
 
 
@@ -123,6 +123,35 @@ def test_nan_loss_skips_the_optimizer_step(tok, tiny):
     policy = copy.deepcopy(tiny)
     before = [p.clone() for p in policy.parameters()]
     opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
-    stats = grpo_step(policy, None, opt, batch(tok, [[float("nan"), 1.0]]), GRPOConfig(kl_coef=0), tok.pad_token_id)
+    stats = grpo_step(policy, None, opt, batch(tok, [[float("nan"), 1.0]]), GRPOConfig(lr=1e-3, kl_coef=0), tok.pad_token_id)
     assert stats["skipped"] and stats["steps"] == 0 and stats["n_skipped"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def test_grpo_token_loss_hand_example():
+    """Two tokens, advantage +1 and -1, ratio e^0.5 (beyond 1 + 0.2) for both; k3 with d = -0.5 for the first."""
+    logp, old = torch.tensor([-0.5, -0.5]), torch.tensor([-1.0, -1.0])
+    adv, ref = torch.tensor([1.0, -1.0]), torch.tensor([-1.0, -0.5])
+    loss, clipped = grpo_token_loss(logp, old, adv, 0.2, ref, kl_coef=0.1)
+    r = math.exp(0.5)
+    k3_first = math.exp(-0.5) + 0.5 - 1  # e^d - d - 1, d = log ref - log policy
+    # A > 0: max(-r, -1.2) = -1.2 (clipped); A < 0: max(r, 1.2) = r (not clipped)
+    torch.testing.assert_close(loss, torch.tensor([-1.2 + 0.1 * k3_first, r]))
+    assert clipped.tolist() == [True, False]
+    assert k3(torch.tensor([-2.0]), torch.tensor([-2.0])).item() == 0.0
+
+
+def test_logprobs_are_taken_at_the_sampling_temperature(tok, tiny):
+    """The policy that sampled at T is softmax(logits / T): GRPO's ratio and gradient must use that one."""
+    t = make_traj(tok, "q0", "Paris", 1.0)
+    ids, attn, mask = pack([t.token_ids[:t.prompt_len]], [t.token_ids[t.prompt_len:]],
+                           [t.loss_mask[t.prompt_len:]], tok.pad_token_id)
+    R = mask.shape[1]
+    with torch.no_grad():
+        logits = response_logits(tiny, ids, attn, R).float()
+        got = {T: logprobs(tiny, [t], tok.pad_token_id, GRPOConfig(temperature=T, autocast_bf16=False))[0]
+               for T in (1.0, 0.5)}
+    for T in (1.0, 0.5):
+        want = (logits / T).log_softmax(-1).gather(-1, ids[:, -R:, None])[..., 0] * mask
+        torch.testing.assert_close(got[T], want, rtol=1e-4, atol=1e-4)
+    assert (got[0.5] - got[1.0]).abs().max() > 1e-2  # the temperature really changes them

@@ -25,10 +25,10 @@ def train(kind, policy, tok, trajs):
     the sum over processes, then SGD moves each weight by up to 0.01 * 100."""
     opt = torch.optim.SGD(policy.parameters(), lr=100.0)
     if kind == "distill":  # batch_size covers every pair: one optimizer step
-        distill(policy, tok, trajs, DistillConfig(batch_size=64, micro_batch=2, autocast_bf16=False,
+        distill(policy, tok, trajs, DistillConfig(lr=100.0, batch_size=64, micro_batch=2, autocast_bf16=False,
                                                   max_grad_norm=0.01, progress=False), optimizer=opt)
     else:
-        grpo_step(policy, copy.deepcopy(policy), opt, trajs, GRPOConfig(kl_coef=0.1, autocast_bf16=False,
+        grpo_step(policy, copy.deepcopy(policy), opt, trajs, GRPOConfig(lr=100.0, kl_coef=0.1, autocast_bf16=False,
                                                                         micro_batch=2, max_grad_norm=0.01),
                   tok.pad_token_id)
     return policy.state_dict()
