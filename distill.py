@@ -241,3 +241,12 @@ def distill(policy, tok, trajs: list, cfg: DistillConfig | None = None, optimize
         stats.update(kl_before=sum(diag[f"kl_{s}"] for s in SPANS) / n, disagree_rate=diag["disagree"] / n,
                      **{f"kl_{s}": diag[f"kl_{s}"] / max(diag[f"n_{s}"], 1) for s in SPANS})
     return stats
+
+
+if __name__ == "__main__":  # python distill.py --explain ...: explain.py's view of this step. runpy, not an import:
+    import runpy            # explain imports this file, and tests/test_layering.py forbids the cycle an import makes
+    import sys
+    from pathlib import Path
+    if sys.argv[1:2] != ["--explain"]:
+        sys.exit("usage: python distill.py --explain [--model DIR] [--question ID] [--html FILE] [--seed N]")
+    sys.exit(runpy.run_path(str(Path(__file__).with_name("explain.py")))["main"](sys.argv[2:]))
