@@ -11,12 +11,13 @@ Read top to bottom, this is the paper's Algorithm: rounds of vanilla GRPO altern
         evaluate on dev (test at round 0 and the last round only), save out_dir/round_r, log metrics.jsonl
 
 One AdamW serves every phase and persists across rounds, saved with each round (train.py says why).
-The teacher of self-distillation is the bf16 rollout copy of the policy ("actor"): the post-GRPO weights, frozen
+The teacher of self-distillation is the rollout copy of the policy (the "actor"): the post-GRPO weights, frozen
 for the whole phase (it is re-synced only after it). torchrun --nproc_per_node=N evolve.py ...: each process
 takes a shard of every batch of questions, training equals one process's on all of them (parallel.py).
 
-CPU precision: the trainable policy keeps fp32 weights (updates of 1e-5 vanish in bf16) and trains under bf16
-autocast; rollouts run on the actor, re-synced after every update.
+Precision: the trainable policy keeps fp32 weights (updates of 1e-5 vanish in bf16); rollouts run on the actor, a
+copy re-synced after every update. Where bf16 is fast (GPUs, CPUs with AMX or AVX-512 BF16) the actor is bf16 and
+training runs under bf16 autocast; elsewhere both stay fp32 (model.bf16_is_faster measures it at start-up).
 """
 import copy
 import ctypes
@@ -39,7 +40,7 @@ from distill import DistillConfig, distill
 from eval import by_hop, evaluate, summarize
 from grpo import GRPOConfig, grpo_step
 from metrics import exact_match
-from model import EMBEDDED, load_policy
+from model import EMBEDDED, load_policy, pick_device_dtype
 from rollout import RolloutConfig, Trajectory, rollout
 from search import RetrieverError, get_retriever
 from train import TrainingError, count_bad_steps, load_optimizer, make_optimizer
@@ -54,7 +55,7 @@ class Config:
     questions: str = ""           # folder of train/dev/test.jsonl (data/load.py:load_qa); "" = the generated set
     retriever_url: str = ""       # Search-R1 /retrieve endpoint instead of local BM25
     device: str = ""              # "" = cuda if present, else cpu
-    rollout_dtype: str = "bfloat16"  # the actor's dtype (see docstring); "float32" to roll out in fp32
+    rollout_dtype: str = "auto"   # the actor's dtype, and bf16 autocast in training if bfloat16; auto: measured
     on_search_error: str = "observe"  # observe: the turn reads "Search failed: ..." | stop: the run stops
     max_bad_steps: int = 3        # stop after this many optimizer steps in a row skipped for a non-finite loss
     checkpointing: bool = True    # recompute activations in backward: training's peak -1.2 GB, +35% its time
@@ -150,7 +151,7 @@ def evaluate_round(cfg, actor, tok, dev, test, retriever) -> dict:
     test_ids = {q["id"] for q in test}
     on = lambda split: [r for r in records if (r["id"] in test_ids) == (split == "test")]
     m_dev, m_test = (parallel.merge_metrics(summarize(on(s))) for s in ("dev", "test"))
-    hop2 = parallel.merge_metrics(by_hop(on("dev"))["hop2"])
+    hop2 = parallel.merge_metrics(by_hop(on("dev")).get("hop2") or summarize([]))  # {} when questions lack kinds
     return {"dev_em": m_dev["em"], "test_em": m_test["em"] if test else None,
             "test_f1": m_test["f1"] if test else None, "dev_hop2_em": hop2["em"],
             "dev_hop2_searches_per_q": hop2["searches_per_q"], "searches_per_q": m_dev["searches_per_q"],
@@ -166,8 +167,6 @@ def release_freed_memory():
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
-
-
 
 
 def main(argv=None):
@@ -186,7 +185,7 @@ def main(argv=None):
     gold = {q["id"]: q["golden_answers"] for q in splits["train"]}
     dev, test = splits["dev"][:cfg.eval_questions], splits["test"][:cfg.eval_questions]
     train = list(splits["train"])
-    random.Random(cfg.seed).shuffle(train)  # a fixed order: round r always sees the same questions
+    random.Random(0).shuffle(train)  # one order for every seed: round r sees the same questions, seeds vary sampling
 
     # metrics.jsonl may lag a round killed after its rename; only rank 0 rewrites it
     done = [m["round"] for m in rebuild_metrics(out)] if rank == 0 else finished_rounds(out)
@@ -199,7 +198,8 @@ def main(argv=None):
     if done and (out / f"round_{start}" / "optimizer.safetensors").exists():
         load_optimizer(opt, policy, out / f"round_{start}" / "optimizer.safetensors")
     bad = 0  # optimizer steps skipped in a row (train.count_bad_steps)
-    actor = copy.deepcopy(policy).to(getattr(torch, cfg.rollout_dtype)).eval()
+    actor = copy.deepcopy(policy).to(pick_device_dtype(cfg.device or None, cfg.rollout_dtype)[1]).eval()
+    bf16 = actor.dtype == torch.bfloat16  # where bf16 is slow (CPUs with AVX2 only), training stays fp32 too
     sync = lambda: actor.load_state_dict(policy.state_dict())
     cursor = len(splits["train"]) // 4  # the warm-up uses train[:cursor]; rounds draw from the rest
 
@@ -215,7 +215,7 @@ def main(argv=None):
             if warm:
                 stats = warm_up(policy, tok, opt, parallel.shard(train[:cfg.warmup_questions]), retriever,
                                 rollout_cfg(cfg), DistillConfig(method="sft", lr=cfg.warmup_lr, per_question_cap=1,
-                                                               warmup_steps=cfg.lr_warmup_steps, seed=cfg.seed))
+                                warmup_steps=cfg.lr_warmup_steps, autocast_bf16=bf16, seed=cfg.seed))
                 n_warm = int(parallel.all_sum(stats["n_kept"]))
                 bad = count_bad_steps(bad, stats, cfg.max_bad_steps, "warm-up")
                 print(f"warm-up: cloned {n_warm} scripted traces, loss {stats['loss']:.3f}")
@@ -233,10 +233,10 @@ def main(argv=None):
         load_policy(str(out / "round_0"), cfg.device or None, "float32")[0].to(actor.dtype).eval()
     per_round = cfg.grpo_steps * cfg.grpo_questions + cfg.distill_questions
     gcfg = GRPOConfig(lr=cfg.grpo_lr, warmup_steps=cfg.lr_warmup_steps, kl_coef=cfg.kl_coef,
-                      temperature=cfg.temperature)
+                      temperature=cfg.temperature, autocast_bf16=bf16)
     dcfg = DistillConfig(method=cfg.distill, loss=cfg.distill_loss, kl_clip=cfg.kl_clip, lr=cfg.distill_lr,
                          warmup_steps=cfg.lr_warmup_steps, sibling_rule=cfg.sibling_rule,
-                         student_rule=cfg.student_rule, teacher_shows=cfg.teacher_shows)
+                         student_rule=cfg.student_rule, teacher_shows=cfg.teacher_shows, autocast_bf16=bf16)
     for r in range(start + 1, cfg.rounds + 1):
         t0, m = time.time(), {}
         torch.manual_seed(cfg.seed * 1000 + r)
