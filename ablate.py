@@ -1,84 +1,226 @@
-"""The ablation of Search-E1's loop: python ablate.py [--key=value ...]   (evolve.py's keys; out_dir is the root)
+"""The ablation of Search-E1's alternation (the paper's variants table): what does self-distillation add to GRPO?
 
-Which part of "GRPO rounds alternating with self-distillation" earns the gain? Every variant starts from the
-same round 0 (the post-warm-up checkpoint, built once by the first variant and copied), uses the same seed,
-the same rounds and the same number of training questions per round, and is evaluated on the same dev/test
-questions. Only what a round does with its questions changes:
+    python ablate.py [--variants=a,b] [--seeds=0,1,2] [--baselines] [--report] [--key=value ...]
 
-    warm-up only   round 0 itself
-    sft            every question rolled out, then cross-entropy on the kept (correct) traces
-    ofsd           every question rolled out, then the paper's self-distillation (distill.py)
-    grpo           every question in GRPO steps (grpo_questions each), no distillation
-    grpo+ofsd      Search-E1: evolve.py's default split between GRPO and self-distillation
+Every other --key=value goes to evolve.py (e.g. --rounds=1 for a quick study); --out_dir is the study's root
+(default runs/ablation). Every variant gets the same number of training questions per round; only what a round
+does with them changes:
 
-Prints a markdown table (also written to <out_dir>/ablation.md): the loop's own monitor (first 60 dev/test
-questions) after the last round, and each final checkpoint on the whole test split (greedy, bf16, as eval.py;
-cached in round_<R>/test_all.json), since 60 questions carry about +-6 points of noise.
+    grpo               GRPO steps only (as many questions, in steps of about grpo_questions)
+    grpo+opsd          evolve.py's default: the paper's loop
+    grpo+opsd-nohint   the same loss with no sibling in the teacher's context: is it the privileged information?
+    grpo+sft           GRPO, then cross-entropy on the kept (correct) traces instead of self-distillation
+    opsd               self-distillation alone, on the whole budget
+    sft                kept-trace SFT alone, on the whole budget
+
+Every (variant, seed) starts from ONE round 0 (the post-warm-up checkpoint, optimizer included), built once at
+seed 0 in <root>/round0/round_0 and copied into <root>/<variant>/seed<k>/; the seed changes sampling, batch order
+and which training questions each round draws (evolve.py shuffles train with it). A run whose final round exists
+is not rerun, a half-finished one resumes (evolve.py does), so a study can span several sittings; --report only
+tabulates what is finished. Each final checkpoint, and round 0, is evaluated once on the whole test split (greedy,
+the rollout dtype of evolve.py), cached per question in its round folder (eval_test.json): 60 dev questions, the
+loop's own monitor, carry about +-6 points of noise. Writes <root>/ablation.json (one row per run, plus round0)
+and <root>/ablation.md: mean +- std over seeds, and a paired bootstrap CI of each variant's gain over round 0.
+--baselines adds direct and naive-RAG EM beside the agent's, for round 0 and grpo+opsd, on test and (if present)
+on the answerable part of ../shared/data/efficientqa_dev.jsonl.
 """
 import json
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import evolve
 from data.load import QUESTIONS_DIR, load_qa
-from eval import evaluate
+from data.prepare import ensure_all
+from eval import answerable, by_hop, evaluate, summarize
 from model import load_policy
 from search import get_retriever
 
-
-def test_all(ckpt: Path, cfg: evolve.Config) -> dict:
-    """A checkpoint's agent metrics on the whole test split, computed once."""
-    cache = ckpt / "test_all.json"
-    if not cache.exists():
-        policy, tok = load_policy(str(ckpt), cfg.device or None, cfg.rollout_dtype)
-        test = load_qa(Path(cfg.questions or QUESTIONS_DIR) / "test.jsonl")
-        with torch.no_grad():
-            m, _ = evaluate(policy.eval(), tok, test, get_retriever(cfg.corpus or None, cfg.retriever_url or None),
-                            "agent", evolve.rollout_cfg(cfg), desc=f"test {ckpt}")
-        cache.write_text(json.dumps(m))
-    return json.loads(cache.read_text())
+EFFICIENTQA = Path(__file__).resolve().parent.parent / "shared" / "data" / "efficientqa_dev.jsonl"
+DEFAULT = "grpo+opsd"
+OWN = ("--variants", "--seeds", "--baselines", "--report", "--out_dir")  # ablate.py's options, not evolve.py's
 
 
 def variants(cfg: evolve.Config) -> dict[str, list[str]]:
     per_round = cfg.grpo_steps * cfg.grpo_questions + cfg.distill_questions  # the budget every variant gets
     steps = max(1, round(per_round / cfg.grpo_questions))  # GRPO alone: as many steps, of the same size or so
-    return {"grpo+ofsd": ["--distill=ofsd"],
-            "sft": ["--grpo_steps=0", "--distill=sft", f"--distill_questions={per_round}"],
-            "ofsd": ["--grpo_steps=0", "--distill=ofsd", f"--distill_questions={per_round}"],
-            "grpo": [f"--grpo_steps={steps}", f"--grpo_questions={-(-per_round // steps)}", "--distill=none",
-                     "--distill_questions=0"]}
+    alone = ["--grpo_steps=0", f"--distill_questions={per_round}"]
+    return {"grpo": [f"--grpo_steps={steps}", f"--grpo_questions={-(-per_round // steps)}", "--distill=none",
+                     "--distill_questions=0"],
+            "grpo+opsd": ["--distill=opsd"],
+            "grpo+opsd-nohint": ["--distill=opsd", "--teacher_shows=none"],
+            "grpo+sft": ["--distill=sft"],
+            "opsd": [*alone, "--distill=opsd"],
+            "sft": [*alone, "--distill=sft"]}
+
+
+def run_dir(root: Path, name: str, seed: int) -> Path:
+    return root / name.replace("+", "_") / f"seed{seed}"
+
+
+def build_round0(root: Path, passed: list[str]) -> Path:
+    """The shared start: evolve.py's round 0 (warm-up + its eval) at seed 0, built once."""
+    r0 = root / "round0" / "round_0"
+    if (r0 / "metrics.json").exists():
+        print("[ablate] round 0: cached", flush=True)
+    else:
+        print("[ablate] round 0: building", flush=True)
+        evolve.main([*passed, "--rounds=0", "--seed=0", f"--out_dir={r0.parent}"])
+    return r0
+
+
+def train(root: Path, r0: Path, name: str, seed: int, passed: list[str], extra: list[str], rounds: int) -> Path:
+    """One (variant, seed): copy round 0 in, then evolve.py resumes from it (or from its last finished round)."""
+    out = run_dir(root, name, seed)
+    if (out / f"round_{rounds}" / "metrics.json").exists():
+        print(f"[ablate] {name} seed {seed}: cached", flush=True)
+        return out
+    if not (out / "round_0").exists():  # copied under a temp name, then renamed: a cut copy is never a round 0
+        shutil.rmtree(out / ".round_0.tmp", ignore_errors=True)
+        shutil.copytree(r0, out / ".round_0.tmp", ignore=shutil.ignore_patterns("eval_*.json"))
+        (out / ".round_0.tmp").rename(out / "round_0")
+    args = [*passed, *extra, f"--seed={seed}", f"--out_dir={out}"]
+    print(f"[ablate] {name} seed {seed}: started, evolve.py {' '.join(args)}", flush=True)
+    t0 = time.time()
+    evolve.main(args)
+    print(f"[ablate] {name} seed {seed}: finished in {time.time() - t0:.0f} s", flush=True)
+    return out
+
+
+def eval_once(ckpt: Path, cfg: evolve.Config, questions: list[dict], mode: str, cache: str) -> dict:
+    """A checkpoint's greedy metrics in one mode, computed once: summary, by_hop and each question's EM."""
+    path = ckpt / cache
+    if not path.exists():
+        policy, tok = load_policy(str(ckpt), cfg.device or None, cfg.rollout_dtype)
+        with torch.no_grad():
+            _, recs = evaluate(policy.eval(), tok, questions, get_retriever(cfg.corpus or None, cfg.retriever_url
+                               or None), mode, evolve.rollout_cfg(cfg), desc=f"{mode} {ckpt}")
+        tmp = path.with_suffix(".tmp")  # written whole, then renamed: a kill never leaves half a cache
+        tmp.write_text(json.dumps({"summary": summarize(recs), "by_hop": by_hop(recs),
+                                   "em": {r["id"]: r["em"] for r in recs}}))
+        os.replace(tmp, path)
+    return json.loads(path.read_text())
+
+
+def row(name: str, seed, ckpt: Path, ev: dict) -> dict:
+    s, m = ev["summary"], json.loads((ckpt / "metrics.json").read_text())
+    hop = {k: h for k, h in ev["by_hop"].items() if h["n"]}  # no 2-hop questions: None, not an EM of 0
+    return {"variant": name, "seed": seed, "round": m["round"], "dev_em": m["dev_em"], "test_em": s["em"],
+            "test_f1": s["f1"], "n_test": s["n"], "hop1_em": hop.get("hop1", {}).get("em"),
+            "hop2_em": hop.get("hop2", {}).get("em"), "hop2_searches_per_q": hop.get("hop2", {}).get("searches_per_q"),
+            "searches_per_q": s["searches_per_q"], "gen_tokens_per_q": s["gen_tokens_per_q"],
+            "invalid_actions": s["invalid_actions"], "checkpoint": str(ckpt)}
+
+
+def paired_bootstrap(gains, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, 2.5%, 97.5%) of per-question gains, resampling questions with replacement. Paired: each gain is
+    the same question's EM minus round 0's, so how hard the drawn questions are cancels out."""
+    g = np.asarray(gains, dtype=float)
+    means = g[np.random.default_rng(seed).integers(0, len(g), (n_boot, len(g)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(g.mean()), float(lo), float(hi)
+
+
+def mean_std(vals, fmt: str = ".3f") -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "—"
+    return f"{np.mean(vals):{fmt}}" + (f" ± {np.std(vals, ddof=1):{fmt}}" if len(vals) > 1 else "")  # std over seeds
+
+
+def table(rows: list[dict], evals: dict, names: list[str], seeds: list[int]) -> str:
+    base = evals[("round0", None)]["em"]
+    lines = ["| variant | seeds | test EM | Δ test EM vs round 0 [95% CI] | dev EM | 2-hop EM | searches/q | "
+             "gen tokens/q |", "|---|---|---|---|---|---|---|---|"]
+    missing = []
+    for name in ["round0", *names]:
+        rs = [r for r in rows if r["variant"] == name]
+        if name != "round0" and len(rs) < len(seeds):
+            missing.append(f"{name} seed {','.join(str(k) for k in seeds if k not in [r['seed'] for r in rs])}")
+        if not rs:
+            continue
+        gain = "—"
+        if name != "round0":
+            # seeds pooled first: each question's EM averaged over the variant's seeds, then questions resampled
+            pooled = np.mean([[evals[(name, r["seed"])]["em"][q] for q in base] for r in rs], axis=0)
+            d, lo, hi = paired_bootstrap(pooled - np.array(list(base.values())))
+            gain = f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        lines.append(f"| {name} | {len(rs) if name != 'round0' else '—'} | {mean_std([r['test_em'] for r in rs])} | "
+                     f"{gain} | {mean_std([r['dev_em'] for r in rs])} | {mean_std([r['hop2_em'] for r in rs])} | "
+                     f"{mean_std([r['searches_per_q'] for r in rs], '.2f')} | "
+                     f"{mean_std([r['gen_tokens_per_q'] for r in rs], '.1f')} |")
+    n = rows[0]["n_test"]
+    notes = [f"\nTest EM: the whole test split ({n} questions), greedy, final checkpoint; dev EM: the loop's own "
+             f"monitor after its last round; ± is the std over seeds {','.join(map(str, seeds))}; the CI is a paired "
+             "bootstrap over test questions (2000 resamples), seeds pooled per question."]
+    if missing:
+        notes.append(f"Not finished yet (left out): {'; '.join(missing)}.")
+    return "\n".join(lines + notes)
+
+
+def baselines(r0: Path, finals: list[Path], cfg: evolve.Config, test: list[dict]) -> str:
+    """Agent vs direct (no search) vs naive RAG (top-3 for the raw question, one answer), for round 0 and the
+    default variant's final checkpoints: does the agent beat retrieving once? Cached in each round folder."""
+    sets, note = {"test": test}, ""
+    if EFFICIENTQA.exists():  # real questions, only where BM25 over this corpus can find the answer at all
+        eqa = load_qa(EFFICIENTQA)
+        sets["eqa"] = answerable(eqa, get_retriever(cfg.corpus or None, cfg.retriever_url or None))
+        note = f"EfficientQA dev: the {len(sets['eqa'])} of {len(eqa)} questions whose answer is in the BM25 top-3."
+    else:
+        note = f"{EFFICIENTQA} not found: EfficientQA columns skipped."
+    cols = [(s, m) for s in sets for m in ("agent", "direct", "rag")]
+    em = lambda ck, s, m: eval_once(ck, cfg, sets[s], m, "eval_test.json" if (s, m) == ("test", "agent")
+                                    else f"eval_{s}_{m}.json")["summary"]["em"]
+    lines = ["| checkpoint | " + " | ".join(f"{s} {m} EM" for s, m in cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, cks in (("round0", [r0]), (DEFAULT, finals)):
+        if cks:
+            lines.append(f"| {name} | " + " | ".join(mean_std([em(ck, s, m) for ck in cks]) for s, m in cols) + " |")
+    return "\n".join(lines + [f"\n{note}"])
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    cfg = evolve.parse_config(argv)
-    root = Path(cfg.out_dir if any(a.startswith("--out_dir=") for a in argv) else "runs/ablation")
-    passed = [a for a in argv if not a.startswith("--out_dir=")]
-    rows = {}
-    for name, extra in variants(cfg).items():
-        out = root / name.replace("+", "_")
-        first = root / "grpo_ofsd"
-        if out != first and not (out / "round_0").exists():  # share round 0: same start, built once
-            shutil.copytree(first / "round_0", out / "round_0")
-        print(f"\n===== {name}: evolve.py {' '.join(passed + extra)}", flush=True)
-        rows[name] = evolve.main([*passed, *extra, f"--out_dir={out}"])
-    base, first = rows["grpo+ofsd"][0], root / "grpo_ofsd"
-    full = {"warm-up only (round 0)": test_all(first / "round_0", cfg)}
-    full.update({name: test_all(root / name.replace("+", "_") / f"round_{ms[-1]['round']}", cfg)
-                 for name, ms in rows.items()})
-    lines = ["| variant | test EM, all 300 | Δ vs warm-up | test EM, first 60 | dev EM, first 60 | searches/q | "
-             "gen tokens/q | seconds (rounds) |", "|---|---|---|---|---|---|---|---|"]
-    for name, ms in [("warm-up only (round 0)", [base]), *rows.items()]:
-        last, f = ms[-1], full[name]
-        lines.append(f"| {name} | {f['em']:.3f} | {f['em'] - full['warm-up only (round 0)']['em']:+.3f} | "
-                     f"{last['test_em']:.3f} | {last['dev_em']:.3f} | {f['searches_per_q']:.2f} | "
-                     f"{f['gen_tokens_per_q']:.0f} | {sum(m['seconds'] for m in ms[1:]):.0f} |")
-    table = "\n".join(lines)
-    print(f"\n{table}")
-    (root / "ablation.md").write_text(table + "\n")
+    opts = {a[2:].partition("=")[0]: a.partition("=")[2] for a in argv if a.split("=")[0] in OWN}
+    passed = [a for a in argv if a.split("=")[0] not in OWN]  # the rest is evolve.py's
+    if any(a.startswith("--seed=") for a in passed):
+        sys.exit("ablate.py takes --seeds=0,1,2 (one run per seed), not --seed")
+    cfg = evolve.parse_config(passed)
+    root = Path(opts.get("out_dir") or "runs/ablation")
+    table_of = variants(cfg)
+    names = [n for n in opts.get("variants", ",".join(table_of)).split(",") if n]
+    if bad := [n for n in names if n not in table_of]:
+        sys.exit(f"unknown variant(s) {bad}: choose from {', '.join(table_of)}")
+    seeds = [int(s) for s in opts.get("seeds", "0,1,2").split(",") if s]
+    flag = lambda k: k in opts and opts[k].lower() not in ("0", "false", "no")
+    ensure_all()
+    r0 = build_round0(root, passed) if not flag("report") else root / "round0" / "round_0"
+    if not (r0 / "metrics.json").exists():
+        sys.exit(f"no round 0 in {r0.parent}: run without --report first")
+    final = f"round_{cfg.rounds}"
+    for name in names if not flag("report") else []:
+        for seed in seeds:
+            train(root, r0, name, seed, passed, table_of[name], cfg.rounds)
+    test = load_qa(Path(cfg.questions or QUESTIONS_DIR) / "test.jsonl")
+    evals = {("round0", None): eval_once(r0, cfg, test, "agent", "eval_test.json")}
+    rows = [row("round0", None, r0, evals[("round0", None)])]
+    for name in names:
+        for seed in seeds:
+            ck = run_dir(root, name, seed) / final
+            if (ck / "metrics.json").exists():
+                evals[(name, seed)] = eval_once(ck, cfg, test, "agent", "eval_test.json")
+                rows.append(row(name, seed, ck, evals[(name, seed)]))
+    (root / "ablation.json").write_text(json.dumps(rows, indent=1))
+    md = f"# Ablation: {cfg.rounds} round(s) from one round 0\n\n" + table(rows, evals, names, seeds)
+    if flag("baselines"):
+        finals = [Path(r["checkpoint"]) for r in rows if r["variant"] == DEFAULT]
+        md += "\n\n## Agent vs direct vs naive RAG\n\n" + baselines(r0, finals, cfg, test)
+    print(f"\n{md}")
+    (root / "ablation.md").write_text(md + "\n")
     return rows
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from data.load import QUESTIONS_DIR, load_qa
 from data.prepare import ensure_all
-from data.questions import TWO_HOP_KINDS
+from data.questions import TWO_HOP_KINDS, contains
 from metrics import exact_match, f1_score
 from model import EMBEDDED, load_policy
 from rollout import RolloutConfig, rollout
@@ -81,6 +81,15 @@ def by_hop(records: list[dict]) -> dict[str, dict]:
         return {}
     return {"hop1": summarize([r for r in kinded if r["kind"] not in TWO_HOP_KINDS]),
             "hop2": summarize([r for r in kinded if r["kind"] in TWO_HOP_KINDS])}
+
+
+def answerable(questions: list[dict], retriever, k: int = 3) -> list[dict]:
+    """The questions whose gold answer is in the top-k documents retrieved for the raw question (whole words after
+    SQuAD normalisation, data/questions.py:contains): on a corpus not built for them (EfficientQA over the 10k
+    articles) most of the rest have no answer in the corpus at all, and EM on them would measure the corpus."""
+    found = retriever.search([q["question"] for q in questions], k)
+    return [q for q, docs in zip(questions, found)
+            if any(contains(f"{d.title}\n{d.text}", a) for d in docs for a in q["golden_answers"])]
 
 
 def rule_agent(questions: list[dict], retriever) -> tuple[dict, list[dict]]:

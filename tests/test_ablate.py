@@ -1,35 +1,94 @@
-"""ablate.py: every variant starts from the same round 0 and gets the same training questions per round."""
+"""ablate.py: the same question budget per round, one shared round 0, cached resumable runs, the bootstrap CI, and
+eval.answerable (the filter of the baselines' real questions)."""
+import json
+
+import numpy as np
+import pytest
+
 import ablate
 import evolve
 import model as M
 from data.load import QUESTIONS_DIR
+from eval import answerable
+from search import Doc
 from test_evolve import TINY_RUN
 
+KEYS = ("variant", "seed", "dev_em", "test_em", "hop2_em", "hop2_searches_per_q", "searches_per_q",
+        "gen_tokens_per_q", "invalid_actions")
 
-def test_variants_share_the_question_budget_of_the_default_split():
-    cfg = evolve.parse_config([])
+
+@pytest.mark.parametrize("argv", [[], TINY_RUN])
+def test_variants_share_the_question_budget_of_the_default_split(argv):
+    cfg = evolve.parse_config(argv)
     per_round = cfg.grpo_steps * cfg.grpo_questions + cfg.distill_questions
-    for name, extra in ablate.variants(cfg).items():
-        v = evolve.parse_config(extra)
+    table = ablate.variants(cfg)
+    assert list(table) == ["grpo", "grpo+opsd", "grpo+opsd-nohint", "grpo+sft", "opsd", "sft"]
+    for name, extra in table.items():
+        v = evolve.parse_config([*argv, *extra])
         assert v.grpo_steps * v.grpo_questions + (v.distill_questions if v.distill != "none" else 0) >= per_round
         assert v.grpo_steps * v.grpo_questions + v.distill_questions <= per_round + v.grpo_steps, name
+    assert evolve.parse_config(table["grpo+opsd-nohint"]).teacher_shows == "none"
 
 
-def test_ablation_builds_round_0_once_and_prints_one_row_per_variant(tmp_path, tok, capsys):
-    tiny, qdir = tmp_path / "tiny", tmp_path / "questions"
+def test_paired_bootstrap_collapses_on_equal_gains_and_centres_on_the_mean():
+    assert ablate.paired_bootstrap([0.25] * 50) == pytest.approx((0.25, 0.25, 0.25))
+    gains = np.array([1.0] * 30 + [0.0] * 70)  # mean 0.3, std err ~0.046
+    mean, lo, hi = ablate.paired_bootstrap(gains)
+    assert mean == pytest.approx(0.3) and lo < 0.3 < hi and 0.15 < lo and hi < 0.45
+    assert ablate.paired_bootstrap(gains) == (mean, lo, hi)  # a fixed seed: the same CI every time
+
+
+def test_answerable_keeps_questions_whose_answer_is_in_the_top_k():
+    class Stub:
+        def search(self, queries, k):
+            return [[Doc("1", "Paris", "The capital of France since 508.", 1.0)]] * len(queries)
+    qs = [{"question": "q1", "golden_answers": ["paris"]}, {"question": "q2", "golden_answers": ["Lyon", "508"]},
+          {"question": "q3", "golden_answers": ["Pari"]}]  # whole words only: "Pari" is not in "Paris"
+    assert [q["question"] for q in answerable(qs, Stub())] == ["q1", "q2"]
+
+
+def test_study_shares_round_0_caches_runs_and_tabulates_seeds(tmp_path, tok, monkeypatch, capsys):
+    tiny, qdir, root = tmp_path / "tiny", tmp_path / "questions", tmp_path / "abl"
     M.save_policy(M.tiny_model("llama", vocab_size=len(tok)), tok, tiny)
     qdir.mkdir()
     for split, n in (("train", 200), ("dev", 4), ("test", 6)):  # a small test split: it is evaluated whole
         lines = (QUESTIONS_DIR / f"{split}.jsonl").read_text().splitlines()[:n]
         (qdir / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    rows = ablate.main([f"--model={tiny}", f"--out_dir={tmp_path / 'abl'}", "--rollout_dtype=float32",
-                        f"--questions={qdir}", *TINY_RUN])
-    assert list(rows) == ["grpo+ofsd", "sft", "ofsd", "grpo"]
-    base = (tmp_path / "abl" / "grpo_ofsd" / "round_0" / "model.safetensors").read_bytes()
-    for name, metrics in rows.items():
-        assert [m["round"] for m in metrics] == [0, 1]
-        round0 = tmp_path / "abl" / name.replace("+", "_") / "round_0" / "model.safetensors"
-        assert round0.read_bytes() == base  # the same start for every variant
-        assert (round0.parent.parent / "round_1" / "test_all.json").exists()  # the whole test split, cached
-    table = (tmp_path / "abl" / "ablation.md").read_text()
-    assert table.count("\n") == 7 and "warm-up only" in table and table in capsys.readouterr().out + "\n"
+    eqa = tmp_path / "eqa.jsonl"  # stands in for ../shared's EfficientQA: a few real rows of the test split
+    eqa.write_text((qdir / "test.jsonl").read_text())
+    monkeypatch.setattr(ablate, "EFFICIENTQA", eqa)
+    argv = [f"--model={tiny}", f"--out_dir={root}", "--rollout_dtype=float32", f"--questions={qdir}", *TINY_RUN,
+            "--variants=grpo,grpo+opsd", "--seeds=0,1"]
+    calls = []
+    real_main = evolve.main
+    monkeypatch.setattr(evolve, "main", lambda a: calls.append(a) or real_main(a))
+    rows = ablate.main([*argv, "--baselines"])
+    assert len(calls) == 5 and sum("--rounds=0" in a for a in calls) == 1  # round 0 once, then 2 x 2 runs
+    assert [(r["variant"], r["seed"]) for r in rows] == [("round0", None), ("grpo", 0), ("grpo", 1),
+                                                         ("grpo+opsd", 0), ("grpo+opsd", 1)]
+    assert json.loads((root / "ablation.json").read_text()) == rows
+    base = (root / "round0" / "round_0" / "model.safetensors").read_bytes()
+    for r in rows:
+        assert all(k in r for k in KEYS) and r["n_test"] == 6 and r["round"] == (0 if r["seed"] is None else 1)
+        if r["seed"] is not None:
+            run = ablate.run_dir(root, r["variant"], r["seed"])
+            assert (run / "round_0" / "model.safetensors").read_bytes() == base  # one start for every run
+            assert len(json.loads((run / "round_1" / "eval_test.json").read_text())["em"]) == 6  # per question
+    md = (root / "ablation.md").read_text()
+    assert md in capsys.readouterr().out + "\n"
+    assert md.count("\n| grpo |") == 1 and md.count("\n| grpo+opsd |") == 2  # the ablation and the baselines
+    assert "test rag EM" in md and "eqa direct EM" in md
+
+    # a rerun trains nothing and rewrites no checkpoint: every (variant, seed) is cached
+    files = lambda: {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "ablation" not in p.name}
+    stamps = files()
+    monkeypatch.setattr(evolve, "main", lambda a: pytest.fail(f"retrained: {a}"))
+    assert ablate.main(argv) == rows
+    assert files() == stamps
+    out = capsys.readouterr().out
+    assert out.count(": cached") == 5 and "started" not in out
+
+    # --report tabulates what is finished and notes the rest
+    ablate.main([*argv[:-2], "--variants=grpo,sft", "--seeds=0,1", "--report"])
+    md = (root / "ablation.md").read_text()
+    assert "\n| grpo |" in md and "\n| sft |" not in md and "left out): sft seed 0,1" in md
