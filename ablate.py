@@ -14,8 +14,8 @@ does with them changes:
     sft                kept-trace SFT alone, on the whole budget
 
 Every (variant, seed) starts from ONE round 0 (the post-warm-up checkpoint, optimizer included), built once at
-seed 0 in <root>/round0/round_0 and copied into <root>/<variant>/seed<k>/; the seed changes sampling, batch order
-and which training questions each round draws (evolve.py shuffles train with it). A run whose final round exists
+seed 0 in <root>/round0/round_0 and copied into <root>/<variant>/seed<k>/; the seed changes sampling and batch
+order (every seed draws the same training questions each round). A run whose final round exists
 is not rerun, a half-finished one resumes (evolve.py does), so a study can span several sittings; --report only
 tabulates what is finished. Each final checkpoint, and round 0, is evaluated once on the whole test split (greedy,
 the rollout dtype of evolve.py), cached per question in its round folder (eval_test.json): 60 dev questions, the
@@ -74,6 +74,14 @@ def build_round0(root: Path, passed: list[str]) -> Path:
     return r0
 
 
+def link(src, dst):
+    """Round 0 is never written again: a hard link, not 1.6 GB of weights and optimizer state per run."""
+    try:
+        os.link(src, dst)
+    except OSError:                      # another filesystem: copy
+        shutil.copy2(src, dst)
+
+
 def train(root: Path, r0: Path, name: str, seed: int, passed: list[str], extra: list[str], rounds: int) -> Path:
     """One (variant, seed): copy round 0 in, then evolve.py resumes from it (or from its last finished round)."""
     out = run_dir(root, name, seed)
@@ -82,7 +90,7 @@ def train(root: Path, r0: Path, name: str, seed: int, passed: list[str], extra: 
         return out
     if not (out / "round_0").exists():  # copied under a temp name, then renamed: a cut copy is never a round 0
         shutil.rmtree(out / ".round_0.tmp", ignore_errors=True)
-        shutil.copytree(r0, out / ".round_0.tmp", ignore=shutil.ignore_patterns("eval_*.json"))
+        shutil.copytree(r0, out / ".round_0.tmp", ignore=shutil.ignore_patterns("eval_*.json"), copy_function=link)
         (out / ".round_0.tmp").rename(out / "round_0")
     args = [*passed, *extra, f"--seed={seed}", f"--out_dir={out}"]
     print(f"[ablate] {name} seed {seed}: started, evolve.py {' '.join(args)}", flush=True)
