@@ -17,7 +17,7 @@ takes a shard of every batch of questions, training equals one process's on all 
 
 Precision: the trainable policy keeps fp32 weights (updates of 1e-5 vanish in bf16); rollouts run on the actor, a
 copy re-synced after every update. Where bf16 is fast (GPUs, CPUs with AMX or AVX-512 BF16) the actor is bf16 and
-training runs under bf16 autocast; elsewhere both stay fp32 (model.bf16_is_faster measures it at start-up).
+training runs under bf16 autocast; elsewhere both stay fp32 (model.bf16_is_faster).
 """
 import copy
 import ctypes
@@ -200,6 +200,7 @@ def main(argv=None):
     bad = 0  # optimizer steps skipped in a row (train.count_bad_steps)
     actor = copy.deepcopy(policy).to(pick_device_dtype(cfg.device or None, cfg.rollout_dtype)[1]).eval()
     bf16 = actor.dtype == torch.bfloat16  # where bf16 is slow (CPUs with AVX2 only), training stays fp32 too
+    print(f"rollouts in {actor.dtype} on {actor.device}; training in fp32{' under bf16 autocast' if bf16 else ''}")
     sync = lambda: actor.load_state_dict(policy.state_dict())
     cursor = len(splits["train"]) // 4  # the warm-up uses train[:cursor]; rounds draw from the rest
 

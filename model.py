@@ -33,21 +33,16 @@ def pick_device_dtype(device: str | None = None, dtype: str | None = None):
 
 
 def bf16_is_faster(device) -> bool:
-    """Measured, not assumed: CPUs with AMX or AVX-512 BF16 run bf16 matmuls several times faster than fp32, CPUs
-    with only AVX2 several times slower. Times a small decode-sized matmul (16 rows, a 576x1536 layer) each way."""
-    dev = torch.device(device)
-    if dev.type != "cpu":
+    """On CPU, only where the processor has bf16 dot-product instructions (AVX-512 BF16 or AMX): there bf16 matmuls
+    beat fp32 several times; on AVX2-only CPUs bf16 is emulated and slower (bench.py measures both). Read from the
+    CPU's flags, not timed at start-up, where another busy process would make the choice random."""
+    if torch.device(device).type != "cpu":
         return True
-    def seconds(dtype):
-        a, w = torch.randn(16, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(3):
-                a @ w.T
-            best = min(best, time.perf_counter() - t0)
-        return best
-    return seconds(torch.bfloat16) < seconds(torch.float32)
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:                    # not Linux: keep fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
