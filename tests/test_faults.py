@@ -17,13 +17,14 @@ import evolve
 import model as M
 from rollout import build_prompt
 from search import BM25, RetrieverError
-from test_rollout import teach_responses
+from test_rollout import teach
 from test_search import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 # fp32 rollouts so runs compare bit for bit; a KL coefficient large enough that a wrong reference model after a
-# resume changes the weights (at 0.001 its gradient vanishes in the bf16 autocast backward)
-RUN = ["--rollout_dtype=float32", "--warmup=off", "--grpo_steps=1", "--grpo_questions=2", "--group_size=4",
+# resume changes the weights (at 0.001 its gradient vanishes in the bf16 autocast backward); groups of 8, so that
+# a group of the answerer below is all right or all wrong with a chance of only 2 / 2**8
+RUN = ["--rollout_dtype=float32", "--warmup=off", "--grpo_steps=1", "--grpo_questions=2", "--group_size=8",
        "--distill_questions=2", "--eval_questions=2", "--max_turn_tokens=24", "--max_total_tokens=80",
        "--max_obs_tokens=30", "--kl_coef=0.5", "--grpo_lr=1e-3", "--show=0"]
 
@@ -32,11 +33,32 @@ def enc(tok, s):
     return tok(s, add_special_tokens=False).input_ids
 
 
-def taught_dir(tmp_path_factory, tok, responses: list[str], seed: int):
+COUNTRIES = ("France", "Italy")
+
+
+def probability(model, ids: list[int], mask: list[int]) -> float:
+    """The probability that the model writes the masked tokens (a whole response) after the tokens before them."""
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    written = logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    return written[torch.tensor(mask[1:], dtype=torch.bool)].sum().exp().item()
+
+
+def taught_dir(tmp_path_factory, tok, responses: dict[str, list[str]], seed: int, at_least: float):
+    """The folder of a tiny model taught, after the prompt of each country's question, to write one of its
+    responses, each with a probability above at_least. Every question of the set below is taught: what a tiny
+    model writes elsewhere depends on the CPU's float rounding. It trains until the bar is met, however fast it
+    gets there on this CPU."""
     model = M.tiny_model("llama", vocab_size=len(tok), seed=seed)
-    prompt = enc(tok, build_prompt(tok, "What is the capital of France?"))
-    teach_responses(model, [(prompt, enc(tok, r)) for r in responses])
-    return M.save_policy(model, tok, tmp_path_factory.mktemp("model"))
+    rows = []
+    for country in COUNTRIES:
+        prompt = enc(tok, build_prompt(tok, f"What is the capital of {country}?"))
+        rows += [(prompt + enc(tok, r), [0] * len(prompt) + [1] * len(enc(tok, r))) for r in responses[country]]
+    for _ in range(10):
+        teach(model, rows, steps=50)
+        if all(probability(model, ids, mask) > at_least for ids, mask in rows):
+            return M.save_policy(model, tok, tmp_path_factory.mktemp("model"))
+    raise AssertionError(f"not taught: probabilities {[probability(model, ids, mask) for ids, mask in rows]}")
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +75,11 @@ def questions(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def answerer(tmp_path_factory, tok):
-    """A tiny model that answers Paris or Rome at random: GRPO groups get mixed rewards, so rounds really train
-    (a random model earns 0 and nothing would be trained, making "resumes identically" vacuous)."""
+    """A tiny model that answers Paris or Rome at random, about evenly, to both questions: GRPO groups get mixed
+    rewards, so rounds really train (a random model earns 0 and nothing would be trained, making "resumes
+    identically" vacuous)."""
     answers = [f"<think> I know. </think>\n<answer> {a} </answer>" for a in ("Paris", "Rome")]
-    return taught_dir(tmp_path_factory, tok, answers, seed=4)
+    return taught_dir(tmp_path_factory, tok, {c: answers for c in COUNTRIES}, seed=4, at_least=0.4)  # 0.5 at best
 
 
 def args(model, out, rounds=2, *extra):
@@ -65,8 +88,8 @@ def args(model, out, rounds=2, *extra):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Sampled tokens depend on float rounding, which depends on the thread count: the tiny model's mixed
-    rewards (and in-process vs subprocess equality) hold on any machine only with one fixed count."""
+    """Float rounding depends on the thread count: in-process and subprocess runs compare bit for bit only on
+    one fixed count, here and in run() below."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -128,8 +151,11 @@ def test_kill_9_at_every_stage_loses_no_finished_round_and_resumes_to_identical_
 
 @pytest.fixture(scope="module")
 def searcher(tmp_path_factory, tok):
-    """A tiny model that always searches first."""
-    return taught_dir(tmp_path_factory, tok, ["<search> capital of france </search>"], seed=5)
+    """A tiny model that searches first: with a probability over 0.95, so sampling all but always picks the
+    search, and greedy decoding on any CPU (each token leads the runner-up by over ln 19 ~ 2.9 in logits, float
+    rounding moves them by ~1e-5)."""
+    searches = {c: [f"<search> capital of {c.lower()} </search>"] for c in COUNTRIES}
+    return taught_dir(tmp_path_factory, tok, searches, seed=5, at_least=0.95)
 
 
 def test_retriever_down_with_stop_ends_the_run_clearly_and_keeps_finished_rounds(tmp_path, searcher, questions):
@@ -155,7 +181,7 @@ def test_retriever_errors_with_observe_become_observations_and_the_run_finishes(
         rows = evolve.main(args(searcher, tmp_path / "run", 1, f"--questions={questions}", f"--retriever_url={url}",
                                 "--on_search_error=observe"))
     assert [m["round"] for m in rows] == [0, 1] and state["requests"] > 0
-    assert rows[0]["searches_per_q"] > 0 and rows[1]["test_em"] == 0  # it searched, and read only failures
+    assert rows[0]["searches_per_q"] >= 1 and rows[1]["test_em"] == 0  # it searched, and read only failures
 
 
 def test_on_search_error_stop_raises_retriever_error_from_main(tmp_path, searcher, questions):

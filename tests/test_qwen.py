@@ -12,7 +12,7 @@ from distill import DistillConfig, distill
 from metrics import exact_match
 from grpo import GRPOConfig, grpo_step
 from rollout import RolloutConfig, rollout
-from test_rollout import QUESTION, ScriptedRetriever, scripted_ids, teach
+from test_rollout import QUESTION, ScriptedRetriever, min_margin, scripted_ids, teach
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
                           reason="needs a CUDA GPU: bf16 weights and rollouts on cuda (this machine has none)")
@@ -20,17 +20,21 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(scope="module")
 def qwen_taught(tok):
-    """A tiny Qwen2 that has memorised one search-then-answer trajectory, and its untaught twin."""
+    """A tiny Qwen2 that has memorised one search-then-answer trajectory, and its untaught twin. Each taught
+    token leads by a margin that float rounding cannot overturn, so greedy decoding reproduces it on any CPU."""
     untaught = M.tiny_model("qwen2", vocab_size=len(tok), seed=1)
     assert untaught.model.layers[0].self_attn.q_proj.bias is not None  # really the Qwen2 architecture
     taught = copy.deepcopy(untaught)
-    assert teach(taught, [i for ids, _ in scripted_ids(tok, ScriptedRetriever()) for i in ids]) < 0.05
+    parts = scripted_ids(tok, ScriptedRetriever())
+    ids, mask = [i for p, _ in parts for i in p], [m for p, m in parts for _ in p]
+    assert teach(taught, [(ids, mask)]) < 0.05 and min_margin(taught, ids, mask) > 1.0
     return taught, untaught
 
 
 def one_group(tok, taught, untaught, device="cpu"):
     """Two real rollouts of one question: the taught policy's (searches, answers Paris: reward 1) and the
-    random init's (never answers: reward 0), so GRPO's group and OFSD's sibling/student are both present."""
+    random init's (reward 0: it would have to write "<answer> Paris </answer>" by chance), so GRPO's group and
+    OFSD's sibling/student are both present."""
     cfg = RolloutConfig(temperature=0, max_turns=2, max_turn_tokens=40, max_total_tokens=160)
     trajs = [rollout(m.to(device), tok, [QUESTION], ScriptedRetriever(), cfg)[0] for m in (taught, untaught)]
     for t in trajs:

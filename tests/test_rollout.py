@@ -1,5 +1,9 @@
-"""rollout.py: the multi-turn search agent. A tiny model is taught one scripted trajectory so that it
-really searches and answers; the loss mask is then checked token by token."""
+"""rollout.py: the multi-turn search agent. A tiny model is taught one search-then-answer trajectory so that it
+really searches and answers; the loss mask is then checked token by token.
+
+What a tiny model writes where it was not taught depends on float rounding (the CPU's vector unit, the thread
+count), so a test here either checks only what holds whatever it writes, compares two runs on one machine, or
+drives the rollout with ScriptedLM (tests/scripted.py), whose every token is fixed by a script."""
 import dataclasses
 
 import pytest
@@ -7,6 +11,7 @@ import torch
 
 import model as M
 from rollout import RolloutConfig, SlotCache, Trajectory, _act, build_prompt, feed, last_tag, rollout
+from scripted import ScriptedLM
 from search import Doc
 
 QUESTION = {"id": "q1", "question": "What is the capital of France?", "golden_answers": ["Paris"]}
@@ -36,39 +41,49 @@ def scripted_ids(tok, retriever):
     return parts
 
 
-def teach(model, ids, steps=150):
-    """Overfit the tiny model on one sequence so greedy decoding reproduces it."""
+def teach(model, rows: list[tuple[list[int], list[int]]], steps=150, lr=3e-3) -> float:
+    """Overfit the tiny model on (token ids, mask) rows: it learns to write each token whose mask is 1 after the
+    tokens before it. Rows are right-padded (a causal model's earlier positions never see the padding), and only
+    the masked positions go through the vocabulary-sized head, so this takes seconds. Returns the last loss."""
+    n = max(len(ids) for ids, _ in rows)
+    x = torch.tensor([ids + [0] * (n - len(ids)) for ids, _ in rows])
+    keep = torch.tensor([mask[1:] + [0] * (n - len(mask)) for _, mask in rows], dtype=torch.bool)  # j predicts j+1
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x = torch.tensor([ids])
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
-        loss = model(input_ids=x, labels=x).loss
+        hidden = model.get_decoder()(input_ids=x).last_hidden_state[:, :-1][keep]
+        loss = torch.nn.functional.cross_entropy(model.get_output_embeddings()(hidden), x[:, 1:][keep])
         opt.zero_grad(); loss.backward(); opt.step()
     model.eval()
     return loss.item()
 
 
-def teach_responses(model, pairs: list[tuple[list[int], list[int]]], steps=100) -> float:
-    """Teach the tiny model to answer each (prompt, response) pair's prompt with its response. Only the response
-    positions go through the vocabulary-sized head (model.response_logits), so this takes seconds."""
-    prompts, responses = zip(*pairs)
-    ids, attn, mask = M.pack(prompts, responses, [[1] * len(r) for r in responses], 0)
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        logp = M.token_logp(M.response_logits(model, ids, attn, mask.shape[1]), ids[:, -mask.shape[1]:])
-        loss = -(logp * mask).sum() / mask.sum()
-        opt.zero_grad(); loss.backward(); opt.step()
-    model.eval()
-    return loss.item()
+def min_margin(model, ids: list[int], mask: list[int]) -> float:
+    """The smallest lead, in logits, of each masked token over the runner-up, given the tokens before it."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+    target = torch.tensor(ids[1:])[:, None]
+    lead = logits.gather(1, target)[:, 0] - logits.scatter(1, target, -float("inf")).max(1).values
+    return lead[torch.tensor(mask[1:], dtype=torch.bool)].min().item()
 
 
 @pytest.fixture(scope="module")
 def taught(tok):
-    """A tiny model that has memorised one search-then-answer trajectory."""
+    """A tiny model that has memorised one search-then-answer trajectory, each of its own tokens by a margin
+    that float rounding (~1e-5 here) cannot overturn: greedy decoding reproduces it on any CPU."""
     model = M.tiny_model("llama", vocab_size=len(tok), seed=1)
-    assert teach(model, [i for ids, _ in scripted_ids(tok, ScriptedRetriever()) for i in ids]) < 0.05
+    parts = scripted_ids(tok, ScriptedRetriever())
+    ids, mask = [i for p, _ in parts for i in p], [m for p, m in parts for _ in p]
+    assert teach(model, [(ids, mask)]) < 0.05 and min_margin(model, ids, mask) > 1.0
     return model
+
+
+@pytest.fixture(scope="module")
+def scripted(tok):
+    """Per question, a search turn then an answer turn: the same tokens on every CPU."""
+    return ScriptedLM(tok, {QUESTION["question"]: [TURN1, TURN2],
+                            "Who painted the Mona Lisa?": ["<search> mona lisa </search>",
+                                                           "<answer> Leonardo da Vinci </answer>"]})
 
 
 def test_loss_mask_is_one_exactly_on_policy_tokens(tok, taught):
@@ -87,16 +102,17 @@ def test_loss_mask_is_one_exactly_on_policy_tokens(tok, taught):
     assert t.n_generated == sum(t.loss_mask) and len(t.token_ids) == n
 
 
-def test_retriever_failure_becomes_an_observation_not_a_crash(tok, taught):
+def test_retriever_failure_becomes_an_observation_not_a_crash(tok, scripted):
     retriever = ScriptedRetriever(fail=True)
-    [t] = rollout(taught, tok, [QUESTION], retriever, RolloutConfig(temperature=0, max_turns=2))
-    assert t.observations[0].startswith("Search failed: ConnectionError")
+    [t] = rollout(scripted, tok, [QUESTION], retriever, RolloutConfig(temperature=0, max_turns=2))
+    assert len(t.observations) == 1 and t.observations[0].startswith("Search failed: ConnectionError")
+    assert t.finished and t.answer == "Paris"  # the rollout went on to the next turn
     assert "Search failed" in tok.decode([i for i, m in zip(t.token_ids, t.loss_mask) if m == 0])
 
 
-def test_empty_search_result_is_reported_as_no_results(tok, taught):
+def test_empty_search_result_is_reported_as_no_results(tok, scripted):
     retriever = ScriptedRetriever(docs=[])
-    [t] = rollout(taught, tok, [QUESTION], retriever, RolloutConfig(temperature=0, max_turns=2))
+    [t] = rollout(scripted, tok, [QUESTION], retriever, RolloutConfig(temperature=0, max_turns=2))
     assert t.observations == ["No results found.\n"]
 
 
@@ -120,9 +136,10 @@ def test_slot_cache_gives_each_slot_the_logits_of_running_it_alone(tiny):
         torch.testing.assert_close(logits[j], ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("which", ["tiny", "taught"])
+@pytest.mark.parametrize("which", ["tiny", "taught", "scripted"])
 def test_continuous_batching_gives_the_same_greedy_trajectories_as_one_row_at_a_time(tok, which, request):
-    """Slots that search, wait, finish and are refilled at different steps change nothing in what is sampled."""
+    """Slots that search, wait, finish and are refilled at different steps change nothing in what is sampled.
+    (Both runs are on this machine; the scripted model makes the same trajectories on every machine.)"""
     policy = request.getfixturevalue(which)
     qs = [QUESTION, {**QUESTION, "id": "q2", "question": "Who painted the Mona Lisa?"}, {**QUESTION, "id": "q3"}]
     cfg = RolloutConfig(group_size=2, max_turn_tokens=30, max_total_tokens=120, temperature=0, max_turns=2)
@@ -130,7 +147,10 @@ def test_continuous_batching_gives_the_same_greedy_trajectories_as_one_row_at_a_
     alone = rollout(policy, tok, qs, ScriptedRetriever(), dataclasses.replace(cfg, batch_size=1))
     assert [t.token_ids for t in together] == [t.token_ids for t in alone]
     assert [t.loss_mask for t in together] == [t.loss_mask for t in alone]
-    assert which == "tiny" or all(t.queries for t in together)  # the taught model really searched
+    # the taught model really searched where it was taught to (q1 and q3 ask its question; q2 is untaught)
+    assert which == "tiny" or all(t.queries for t in together if t.question == QUESTION["question"])
+    if which == "scripted":  # every slot wrote its own question's script
+        assert [t.answer for t in together] == ["Paris"] * 2 + ["Leonardo da Vinci"] * 2 + ["Paris"] * 2
 
 
 def test_a_slot_copied_from_a_sibling_continues_exactly_like_it(tiny):
@@ -151,15 +171,16 @@ class FirstQueryGetsMoreRetriever(ScriptedRetriever):
         return [DOCS * 12 if i == 0 else DOCS for i, _ in enumerate(queries)]
 
 
-def test_siblings_prefill_their_shared_prompt_once(tok, taught, monkeypatch):
+def test_siblings_prefill_their_shared_prompt_once(tok, scripted, monkeypatch):
     """Four trajectories share one prompt, three slots. The three admitted together prefill it once; the fourth,
     admitted when the first ends while the others still run, copies a running sibling's keys and values, and
-    then decodes exactly what a trajectory that prefilled the prompt itself decodes."""
+    then decodes exactly what a trajectory that prefilled the prompt itself decodes. (The scripted model reads
+    its prompt back from the cache to choose its script: a bad copy would make it write something else.)"""
     import rollout as R
     fed = []
     monkeypatch.setattr(R, "feed", lambda m, c, slots, chunks, pad: fed.append(chunks) or feed(m, c, slots, chunks, pad))
     cfg = RolloutConfig(group_size=4, max_turn_tokens=30, max_total_tokens=90, temperature=0, batch_size=3)
-    trajs = rollout(taught, tok, [QUESTION], FirstQueryGetsMoreRetriever(), cfg)
+    trajs = rollout(scripted, tok, [QUESTION], FirstQueryGetsMoreRetriever(), cfg)
     prompt = trajs[0].token_ids[:trajs[0].prompt_len]
     assert sum(c == prompt for chunks in fed for c in chunks) == 1
     assert trajs[0].truncated and trajs[1].finished        # the long result ended the first one early
@@ -191,7 +212,10 @@ def test_last_tag_takes_the_last_closed_tag():
 
 
 def test_every_policy_token_is_the_greedy_choice_given_its_full_recorded_prefix(tok):
-    """The cache must hold exactly what the trajectory records, across turns and observations."""
+    """The cache must hold exactly what the trajectory records, across turns and observations. "The greedy
+    choice" up to 1e-3 in logits: the cached and the full forward round differently, so a near tie (the top two
+    can be 1e-4 apart) may go either way; a wrong cache puts the written token far below the top (the logits
+    here have a spread of ~2.4, the top two are typically 0.3 apart)."""
     model = M.tiny_model("llama", vocab_size=len(tok), seed=2)
     with torch.no_grad():  # sharper weights, so the argmax depends on context
         for p in model.parameters():
@@ -201,10 +225,10 @@ def test_every_policy_token_is_the_greedy_choice_given_its_full_recorded_prefix(
     [t] = rollout(model, tok, [QUESTION], ScriptedRetriever(docs=[]), cfg)
     ids = torch.tensor([t.token_ids])
     with torch.no_grad():
-        greedy = model(input_ids=ids).logits[0, :-1].argmax(-1)
+        logits = model(input_ids=ids).logits[0, :-1]
     policy = [j for j, m in enumerate(t.loss_mask) if m]
     assert t.turns >= 2 and policy
-    assert all(greedy[j - 1].item() == t.token_ids[j] for j in policy)
+    assert all(logits[j - 1, t.token_ids[j]] >= logits[j - 1].max() - 1e-3 for j in policy)
 
 
 # ----------------------------------------------------------------------------- bad model output
@@ -251,11 +275,9 @@ def test_out_of_turns_ends_without_answer_and_out_of_tokens_is_truncated():
 
 
 def test_a_model_that_only_emits_empty_searches_is_stopped_by_max_turns_and_counted(tok):
-    """A tiny model taught to open with "<search> </search>": no search, no crash, every bad turn counted."""
+    """A model that answers every turn with "<search> </search>": no search, no crash, every bad turn counted."""
     from eval import evaluate
-    enc = lambda s: tok(s, add_special_tokens=False).input_ids
-    model = M.tiny_model("llama", vocab_size=len(tok), seed=3)
-    assert teach_responses(model, [(enc(build_prompt(tok, QUESTION["question"])), enc("<search> </search>"))]) < 0.05
+    model = ScriptedLM(tok, {QUESTION["question"]: ["<search> </search>"] * 3})  # max_turns, then the last turn
     retriever = ScriptedRetriever()
     cfg = RolloutConfig(max_turns=2, max_turn_tokens=20, max_total_tokens=200)
     metrics, records = evaluate(model, tok, [QUESTION, {**QUESTION, "id": "q2"}], retriever, "agent", cfg)
@@ -265,15 +287,16 @@ def test_a_model_that_only_emits_empty_searches_is_stopped_by_max_turns_and_coun
     assert all(r["response"].startswith("<search> </search>") for r in records)
 
 
-def test_a_model_that_never_stops_is_truncated_by_the_token_budget_and_counted(tok, tiny):
+def test_a_model_that_never_stops_is_truncated_by_the_token_budget_and_counted(tok):
     from eval import evaluate
+    model = ScriptedLM(tok, {QUESTION["question"]: ["<think> " + "and then " * 100]})  # no stop in 200 tokens
     cfg = RolloutConfig(max_turns=4, max_turn_tokens=500, max_total_tokens=60)
-    metrics, records = evaluate(tiny, tok, [QUESTION, {**QUESTION, "id": "q2"}], ScriptedRetriever(), "agent", cfg)
+    metrics, records = evaluate(model, tok, [QUESTION, {**QUESTION, "id": "q2"}], ScriptedRetriever(), "agent", cfg)
     assert metrics["truncated"] == 2 and metrics["answered"] == 0
     assert all(r["generated_tokens"] <= cfg.max_total_tokens and r["turns"] == 1 for r in records)
 
 
-def test_retriever_http_errors_are_observed_or_stop_the_rollout_as_configured(tok, taught):
+def test_retriever_http_errors_are_observed_or_stop_the_rollout_as_configured(tok, scripted):
     """Against a real local server (tests/test_search.py) that rejects every request."""
     from search import BM25, HTTPRetriever, RetrieverError
     from test_search import serve
@@ -281,9 +304,9 @@ def test_retriever_http_errors_are_observed_or_stop_the_rollout_as_configured(to
     cfg = RolloutConfig(temperature=0, max_turns=2)
     with serve(bm25, mode="400") as (url, state):
         retriever = HTTPRetriever(url, retries=0)
-        [t] = rollout(taught, tok, [QUESTION], retriever, cfg)
+        [t] = rollout(scripted, tok, [QUESTION], retriever, cfg)
         assert t.observations[0].startswith(f"Search failed: RetrieverError: retriever {url} rejected the request: "
                                             "HTTP 400")
         with pytest.raises(RetrieverError, match="HTTP 400"):
-            rollout(taught, tok, [QUESTION], retriever, dataclasses.replace(cfg, on_search_error="stop"))
+            rollout(scripted, tok, [QUESTION], retriever, dataclasses.replace(cfg, on_search_error="stop"))
     assert state["requests"] == 2
