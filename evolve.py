@@ -120,7 +120,7 @@ def parse_config(argv: list[str]) -> Config:
 def rollout_cfg(cfg: Config, **kw) -> RolloutConfig:
     keys = ("max_turns", "topk", "max_turn_tokens", "max_obs_tokens", "max_total_tokens", "temperature",
             "batch_size", "on_search_error")
-    return RolloutConfig(**{k: getattr(cfg, k) for k in keys}, **kw)
+    return RolloutConfig(**{**{k: getattr(cfg, k) for k in keys}, **kw})
 
 
 def reward(trajs: list[Trajectory], gold: dict[str, list[str]]) -> float:
@@ -207,8 +207,8 @@ def main(argv=None):
     if start is None:  # round 0: warm-up if needed, then the baseline every later round is compared with
         t0, m = time.time(), {}
         with phase(m, "warmup"):
-            probe_m, _ = evaluate(actor, tok, parallel.shard(train[cursor:cursor + 8]), retriever, "agent",
-                                  rollout_cfg(cfg), desc="probe")  # greedy on 8: enough to see "never right"
+            probe_m, _ = evaluate(actor, tok, parallel.shard(train[cursor:cursor + 8]), retriever, "agent",  # greedy
+                                  rollout_cfg(cfg, max_turns=2), desc="probe")  # on 8: enough to see "never right"
             probe_reward = parallel.merge_metrics(probe_m)["em"]
             warm = cfg.warmup == "on" or (cfg.warmup == "auto" and probe_reward == 0)
             print(f"probe reward {probe_reward:.3f} on 8 training questions -> warm-up {'on' if warm else 'off'}")
