@@ -6,11 +6,11 @@ For one training question, what a round of evolve.py does before its distillatio
 settings (temperature 1), rewarded by exact match; the sibling (distill.select_sibling); the privileged prompt the
 teacher reads, hint marked. Then, on the first student's own tokens, the per-token KL(teacher || student) that
 distill.opsd_loss sums, token by token in colour, <information> greyed (masked: not trained); both top-5s where
-the KL is largest; one summary line over all the question's pairs. The numbers come from distill.py's own
-functions (opsd_pairs, pair_logits, forward_kl): a frozen bf16 teacher, fp32 student under bf16 autocast.
-Question: the first, in evolve's shuffled order from where its rounds draw (after the warm-up's quarter), with
-a correct rollout (BATCH at a time, at most --tries). Model: --model, else the latest runs/evolve/round_*, else
-the embedded SmolLM2, almost never right before the warm-up: then it says so and exits with status 1.
+the KL is largest; one summary line over all the question's pairs. The numbers are distill.py's (opsd_pairs,
+pair_logits, forward_kl), the teacher a frozen copy: evolve's actor. Question: the first in evolve's shuffled order
+(seed 0), from where its rounds draw (after the warm-up's quarter), with a correct rollout (BATCH at a time, at
+most --tries). Model: --model, else the latest runs/evolve/round_*, else the embedded SmolLM2, almost never right
+before the warm-up: then it says so and exits with status 1.
 """
 import argparse
 import copy
@@ -27,7 +27,7 @@ from distill import (DistillConfig, by_question, forward_kl, opsd_pairs, pair_lo
                      select_students)
 from evolve import Config, rollout_cfg
 from metrics import exact_match
-from model import EMBEDDED, ROOT, load_policy
+from model import EMBEDDED, ROOT, load_policy, pick_device_dtype
 from rollout import rollout
 from search import get_retriever
 
@@ -92,8 +92,7 @@ def report(tok, group: list, res: dict, cfg: DistillConfig) -> list[tuple]:
     for trained, run in itertools.groupby(zip(resp, mask), key=lambda x: x[1]):
         ids = [i for i, _ in run]
         out += [(tok.decode([i]), "tok", next(kls)) for i in ids] if trained else [(tok.decode(ids), "masked", 0.0)]
-    kl = torch.tensor(res["kl"])
-    gen = [i for i, m in zip(resp, mask) if m]
+    kl, gen = torch.tensor(res["kl"]), [i for i, m in zip(resp, mask) if m]
     out.append((f"\n\nthe student's {min(5, len(kl))} largest-KL tokens, top-5 probabilities there:\n", "", 0.0))
     for j in kl.topk(min(5, len(kl))).indices.tolist():
         out.append((f"  token {j} {tok.decode([gen[j]])!r}: KL {kl[j]:.3f}\n", "", 0.0))
@@ -155,14 +154,15 @@ def main(argv=None) -> int:
     ap.add_argument("--tries", type=int, default=8, help="questions tried at most")
     args = ap.parse_args(argv)
     cfg = Config()  # evolve's defaults: G, rollout settings, sibling / student rules, what the teacher sees
-    dcfg = DistillConfig(loss=cfg.distill_loss, kl_clip=cfg.kl_clip, sibling_rule=cfg.sibling_rule,
-                         student_rule=cfg.student_rule, teacher_shows=cfg.teacher_shows)
     path = args.model or latest_round()
     print(f"model: {path} (--model)" if args.model else f"model: {path} (the latest evolve round, preferred)" if path
           else f"model: {EMBEDDED} (embedded, not warmed up: no runs/evolve/round_*)")
     ensure_all()
     policy, tok = load_policy(str(path or EMBEDDED), dtype="float32")
-    teacher = copy.deepcopy(policy).to(getattr(torch, cfg.rollout_dtype)).eval()  # evolve's actor: rolls out, teaches
+    teacher = copy.deepcopy(policy).to(pick_device_dtype(None, cfg.rollout_dtype)[1]).eval()  # evolve's actor
+    dcfg = DistillConfig(loss=cfg.distill_loss, kl_clip=cfg.kl_clip, sibling_rule=cfg.sibling_rule,  # evolve's:
+                         student_rule=cfg.student_rule, teacher_shows=cfg.teacher_shows,  # bf16 autocast
+                         autocast_bf16=teacher.dtype == torch.bfloat16)                    # iff a bf16 actor
     retriever, train = get_retriever(), load_qa(QUESTIONS_DIR / "train.jsonl")
     gold = {q["id"]: q["golden_answers"] for q in train}
     if args.question:
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         if not qs:
             sys.exit(f"no training question with id {args.question!r}")
     else:
-        random.Random(cfg.seed).shuffle(train)  # evolve.py's order
+        random.Random(0).shuffle(train)  # evolve.py's order
         qs = train[len(train) // 4:][:args.tries]
     for lo in range(0, len(qs), BATCH):
         trajs = rollout(teacher, tok, qs[lo:lo + BATCH], retriever,
