@@ -217,9 +217,10 @@ def distill(policy, tok, trajs: list, cfg: DistillConfig | None = None, optimize
         items = opsd_pairs(tok, trajs, cfg)
         teacher = teacher if teacher is not None else copy.deepcopy(policy).eval()
         diag = dict(disagree=0, **{f"{k}_{s}": 0 for k in ("kl", "n") for s in SPANS})
-        first = lambda: sum(diag[f"n_{s}"] for s in SPANS) < n_total  # diagnostics: the first epoch, each
-        loss_fn = lambda rows: opsd_loss(policy, teacher, [items[i] for i in rows], pad_id, cfg,  # batch just
-                                         diag if first() else None)                              # before its step
+        # diagnostics over the first pass only (each batch just before its own step): until every token is counted
+        in_first_pass = lambda: sum(diag[f"n_{s}"] for s in SPANS) < n_total
+        loss_fn = lambda rows: opsd_loss(policy, teacher, [items[i] for i in rows], pad_id, cfg,
+                                         diag if in_first_pass() else None)
         traj_of = lambda p: p.student
         stats["n_pairs"] = len(items)
     elif cfg.method == "sft":
