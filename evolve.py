@@ -34,7 +34,7 @@ import torch
 
 import parallel
 from checkpoint import crash_point, finished_rounds, phase, print_summary, rebuild_metrics, save_round
-from data.load import QUESTIONS_DIR, load_qa
+from data.load import QUESTIONS_DIR, interleave_kinds, load_qa
 from data.prepare import ensure_all
 from distill import DistillConfig, distill
 from eval import by_hop, evaluate, summarize
@@ -89,6 +89,7 @@ class Config:
     batch_size: int = 64          # rollout slots decoded together
     eval_questions: int = 60      # first N of dev and of test, greedy
     show: int = 2                 # sample trajectories printed per round
+    balance_kinds: bool = False   # this project's, for multi-hop: training questions round-robin over kinds
 
 
 CHOICES = {"distill": ("opsd", "sft", "none"), "warmup": ("auto", "on", "off"), "distill_loss": ("kl", "top1_ce"),
@@ -161,8 +162,7 @@ def evaluate_round(cfg, actor, tok, dev, test, retriever) -> dict:
 
 
 def release_freed_memory():
-    """glibc keeps freed tensors in its heap, so RSS only grows across rounds; a fixed 1 MB mmap threshold hands
-    every large tensor back to the OS when it is freed (Linux/glibc only; elsewhere a no-op)."""
+    """glibc keeps freed tensors (RSS only grows across rounds); a 1 MB mmap threshold returns big ones (glibc only)."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3 = M_MMAP_THRESHOLD
     except (OSError, AttributeError):
@@ -186,6 +186,8 @@ def main(argv=None):
     dev, test = splits["dev"][:cfg.eval_questions], splits["test"][:cfg.eval_questions]
     train = list(splits["train"])
     random.Random(0).shuffle(train)  # one order for every seed: round r sees the same questions, seeds vary sampling
+    cursor = len(train) // 4  # the warm-up uses train[:cursor], rounds the rest; balanced apart, each keeps its bridges
+    train = interleave_kinds(train[:cursor]) + interleave_kinds(train[cursor:]) if cfg.balance_kinds else train
 
     # metrics.jsonl may lag a round killed after its rename; only rank 0 rewrites it
     done = [m["round"] for m in rebuild_metrics(out)] if rank == 0 else finished_rounds(out)
@@ -202,7 +204,6 @@ def main(argv=None):
     bf16 = actor.dtype == torch.bfloat16  # where bf16 is slow (CPUs with AVX2 only), training stays fp32 too
     print(f"rollouts in {actor.dtype} on {actor.device}; training in fp32{' under bf16 autocast' if bf16 else ''}")
     sync = lambda: actor.load_state_dict(policy.state_dict())
-    cursor = len(splits["train"]) // 4  # the warm-up uses train[:cursor]; rounds draw from the rest
 
     if start is None:  # round 0: warm-up if needed, then the baseline every later round is compared with
         t0, m = time.time(), {}
@@ -241,8 +242,7 @@ def main(argv=None):
     for r in range(start + 1, cfg.rounds + 1):
         t0, m = time.time(), {}
         torch.manual_seed(cfg.seed * 1000 + r)
-        lo = cursor + (r - 1) * per_round
-        pool = [train[(lo + i) % len(train)] for i in range(per_round)]  # wraps around on long runs
+        pool = [train[(cursor + (r - 1) * per_round + i) % len(train)] for i in range(per_round)]  # wraps around
         # 1) vanilla GRPO
         g_rewards, zero_groups = [], 0
         for s in range(cfg.grpo_steps):

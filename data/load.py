@@ -175,6 +175,16 @@ def read_jsonl(path):
                 raise ValueError(f"{where}: invalid JSON ({e.msg}); expected one JSON object a line") from None
 
 
+def interleave_kinds(rows: list[dict]) -> list[dict]:
+    """The rows round-robin over their "kind" (kinds in sorted order, each kind's rows in their own order), so
+    every prefix holds each kind in equal share while it lasts. Rows without a kind count as one kind."""
+    by_kind = {}
+    for r in rows:
+        by_kind.setdefault(str(r.get("kind", "")), []).append(r)
+    queues = [by_kind[k] for k in sorted(by_kind)]
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
 def load_qa(path, limit: int | None = None) -> list[dict]:
     """Read a FlashRAG QA jsonl: one {"id", "question", "golden_answers": [str, ...]} object a line.
 

@@ -24,7 +24,7 @@ import re
 import unicodedata
 from collections import Counter, defaultdict
 
-from data.load import article_text, load_qa
+from data.load import article_text, interleave_kinds, load_qa
 from metrics import exact_match
 from search import BM25
 
@@ -226,8 +226,7 @@ def generate(summaries: dict) -> dict[str, list[dict]]:
             rows = [q for k in kinds for q in by_kind[k][:TRAIN_CAP_PER_KIND]]
             rng.shuffle(rows)
         else:  # round-robin over kinds: rare kinds (the bridges) get their full share of the eval budget
-            rows = [by_kind[k][i] for i in range(max(map(len, by_kind.values())))
-                    for k in kinds if i < len(by_kind[k])][:DEV_TEST_SIZE]
+            rows = interleave_kinds([q for k in kinds for q in by_kind[k]])[:DEV_TEST_SIZE]
         out[split] = [{"id": f"{prefix}{i:05d}", **q} for i, q in enumerate(rows)]
     return out
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, however pytest is invoked
-from data.load import (CORPUS_WHEEL, ensure_corpus, load_qa, load_summaries, sha256_file,  # noqa: E402
+from data.load import (CORPUS_WHEEL, ensure_corpus, interleave_kinds, load_qa, load_summaries, sha256_file,  # noqa: E402
                        verify_sha256)
 from data.prepare import ensure_questions  # noqa: E402
 from data.questions import TWO_HOP_KINDS, bare, contains, generate, rule_agent_answer  # noqa: E402
@@ -154,6 +154,12 @@ def test_load_qa_uses_the_line_number_when_id_is_missing_and_honours_limit(tmp_p
     rows = load_qa(p)
     assert [r["id"] for r in rows] == ["a", "3"] and rows[1]["kind"] == "k"
     assert len(load_qa(p, limit=1)) == 1
+
+
+def test_interleave_kinds_takes_kinds_in_turn_and_keeps_each_kinds_order():
+    rows = [{"id": i, "kind": k} for i, k in enumerate("aaaabcb")] + [{"id": 7}]
+    assert [r["id"] for r in interleave_kinds(rows)] == [7, 0, 4, 5, 1, 6, 2, 3]  # "" < "a" < "b" < "c"
+    assert interleave_kinds([]) == []
 
 
 @pytest.mark.skipif(not EFFICIENTQA.exists(), reason="shared EfficientQA dev set not present")
