@@ -24,7 +24,6 @@ import ctypes
 import dataclasses
 import json
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import torch
 
 import parallel
 from checkpoint import crash_point, finished_rounds, phase, print_summary, rebuild_metrics, save_round
-from data.load import QUESTIONS_DIR, interleave_kinds, load_qa
+from data.load import QUESTIONS_DIR, load_qa, training_order
 from data.prepare import ensure_all
 from distill import DistillConfig, distill
 from eval import by_hop, evaluate, summarize
@@ -184,10 +183,7 @@ def main(argv=None):
     splits = {s: load_qa(Path(cfg.questions or QUESTIONS_DIR) / f"{s}.jsonl") for s in ("train", "dev", "test")}
     gold = {q["id"]: q["golden_answers"] for q in splits["train"]}
     dev, test = splits["dev"][:cfg.eval_questions], splits["test"][:cfg.eval_questions]
-    train = list(splits["train"])
-    random.Random(0).shuffle(train)  # one order for every seed: round r sees the same questions, seeds vary sampling
-    cursor = len(train) // 4  # the warm-up uses train[:cursor], rounds the rest; balanced apart, each keeps its bridges
-    train = interleave_kinds(train[:cursor]) + interleave_kinds(train[cursor:]) if cfg.balance_kinds else train
+    train, cursor = training_order(splits["train"], cfg.balance_kinds)  # the warm-up uses train[:cursor]
 
     # metrics.jsonl may lag a round killed after its rename; only rank 0 rewrites it
     done = [m["round"] for m in rebuild_metrics(out)] if rank == 0 else finished_rounds(out)

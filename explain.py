@@ -16,12 +16,11 @@ import argparse
 import copy
 import html
 import itertools
-import random
 import sys
 
 import torch
 
-from data.load import QUESTIONS_DIR, load_qa
+from data.load import QUESTIONS_DIR, load_qa, training_order
 from data.prepare import ensure_all
 from distill import (DistillConfig, by_question, forward_kl, opsd_pairs, pair_logits, privileged_hint, select_sibling,
                      select_students)
@@ -170,8 +169,8 @@ def main(argv=None) -> int:
         if not qs:
             sys.exit(f"no training question with id {args.question!r}")
     else:
-        random.Random(0).shuffle(train)  # evolve.py's order
-        qs = train[len(train) // 4:][:args.tries]
+        order, cursor = training_order(train, cfg.balance_kinds)  # evolve.py's order
+        qs = order[cursor:][:args.tries]
     for lo in range(0, len(qs), BATCH):
         trajs = rollout(teacher, tok, qs[lo:lo + BATCH], retriever,
                         rollout_cfg(cfg, group_size=cfg.group_size, seed=args.seed))

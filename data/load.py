@@ -21,6 +21,7 @@ builds everything, questions included: the one direction in which loading and ge
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 import zipfile
@@ -183,6 +184,16 @@ def interleave_kinds(rows: list[dict]) -> list[dict]:
         by_kind.setdefault(str(r.get("kind", "")), []).append(r)
     queues = [by_kind[k] for k in sorted(by_kind)]
     return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
+def training_order(train: list[dict], balance_kinds: bool = False) -> tuple[list[dict], int]:
+    """evolve.py's order of the training questions, and its cursor: the warm-up takes [:cursor], the rounds the rest.
+    One order for every seed (round r sees the same questions; seeds vary sampling). balance_kinds: each part
+    round-robin over kinds, apart, so the rounds' part keeps its share of the rare kinds."""
+    train = list(train)
+    random.Random(0).shuffle(train)
+    cursor = len(train) // 4
+    return (interleave_kinds(train[:cursor]) + interleave_kinds(train[cursor:]) if balance_kinds else train), cursor
 
 
 def load_qa(path, limit: int | None = None) -> list[dict]:
