@@ -14,6 +14,7 @@ tokenization as rollout.py writes them:
 No weights change.
 """
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -39,8 +40,9 @@ def turn(model, tok, ids: list[int], max_new: int) -> list[int]:
 
 def probe(model, tok, q: dict, retriever, rcfg: RolloutConfig) -> dict:
     enc = lambda s: tok(s, add_special_tokens=False).input_ids
-    obs = lambda query: enc(f"\n\n<information>{safe_search(retriever, [query], rcfg.topk)[0].strip()}"
-                            f"</information>\n\n")[:rcfg.max_obs_tokens]
+    docs = functools.lru_cache(lambda query: safe_search(retriever, [query], rcfg.topk)[0])  # each query searched once
+    obs = lambda query: enc(f"\n\n<information>{docs(query).strip()}</information>\n\n")[:rcfg.max_obs_tokens]
+    has_gold = lambda query: any(contains(docs(query), g) for g in gold)
     gold, bridge = q["golden_answers"], q["sources"][1]
     em = lambda text: float(exact_match(last_tag(text, "answer") or "", gold))
     ids = enc(build_prompt(tok, q["question"]))
@@ -52,16 +54,17 @@ def probe(model, tok, q: dict, retriever, rcfg: RolloutConfig) -> dict:
     ids = ids + first + obs(q1)
     own = tok.decode(turn(model, tok, ids, rcfg.max_turn_tokens))
     opening = enc("<think> Now I need to search for")
-    forced = tok.decode(opening + turn(model, tok, ids + opening, rcfg.max_turn_tokens))
+    forced_ids = opening + turn(model, tok, ids + opening, rcfg.max_turn_tokens)
+    forced = tok.decode(forced_ids)
     q2 = last_tag(forced, "search")
     r |= {"own": own, "forced": forced, "own_second_search": last_tag(own, "search") is not None, "own_em": em(own), "q2": q2,
           "q2_names_bridge": bool(q2) and contains(q2, bridge),
-          "q2_top3_has_gold": bool(q2) and any(contains(safe_search(retriever, [q2], rcfg.topk)[0], g) for g in gold)}
+          "q2_top3_has_gold": bool(q2) and has_gold(q2)}
     if q2:
-        after = ids + enc(forced) + obs(q2)
+        after = ids + forced_ids + obs(q2)
         r["forced_em"] = em(tok.decode(turn(model, tok, after, rcfg.max_turn_tokens)))
     script = enc(f"<think> Now I need to search for {bridge}. </think>\n<search> {bridge} </search>") + obs(bridge)
-    r["oracle_top3_has_gold"] = any(contains(safe_search(retriever, [bridge], rcfg.topk)[0], g) for g in gold)
+    r["oracle_top3_has_gold"] = has_gold(bridge)
     read = tok.decode(turn(model, tok, ids + script, rcfg.max_turn_tokens))
     r |= {"oracle_em": em(read), "oracle_answer": last_tag(read, "answer")}
     return r
