@@ -58,6 +58,7 @@ def probe(model, tok, q: dict, retriever, rcfg: RolloutConfig) -> dict:
     forced = tok.decode(forced_ids)
     q2 = last_tag(forced, "search")
     r |= {"own": own, "forced": forced, "own_second_search": last_tag(own, "search") is not None, "own_em": em(own), "q2": q2,
+          "thought_names_bridge": contains(forced.split("</think>")[0], bridge),
           "q2_names_bridge": bool(q2) and contains(q2, bridge),
           "q2_top3_has_gold": bool(q2) and has_gold(q2)}
     if q2:
@@ -88,7 +89,7 @@ def main(argv=None):
         Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     mean = lambda k: sum(float(r.get(k) or 0) for r in rows) / len(rows)
     print(f"{a.model}: {len(rows)} two-hop {a.split} questions, {sum(r['q1'] is not None for r in rows)} searched first")
-    for k in ("own_second_search", "own_em", "q2_names_bridge", "q2_top3_has_gold", "forced_em",
+    for k in ("own_second_search", "own_em", "thought_names_bridge", "q2_names_bridge", "q2_top3_has_gold", "forced_em",
               "oracle_top3_has_gold", "oracle_em"):
         print(f"  {k:22s} {mean(k):.3f}")
 
