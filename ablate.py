@@ -20,7 +20,8 @@ is not rerun, a half-finished one resumes (evolve.py does), so a study can span 
 tabulates what is finished. Each final checkpoint, and round 0, is evaluated once on the whole test split (greedy,
 the rollout dtype of evolve.py), cached per question in its round folder (eval_test.json): 60 dev questions, the
 loop's own monitor, carry about +-6 points of noise. Writes <root>/ablation.json (one row per run, plus round0)
-and <root>/ablation.md: mean +- std over seeds, and a paired bootstrap CI of each variant's gain over round 0.
+and <root>/ablation.md: mean +- std over seeds, a paired bootstrap CI of each variant's gain over round 0, and
+test EM per question kind (where the gain comes from).
 --baselines adds direct and naive-RAG EM beside the agent's, for round 0 and grpo+opsd, on test and (if present)
 on the answerable part of ../shared/data/efficientqa_dev.jsonl.
 """
@@ -115,14 +116,23 @@ def eval_once(ckpt: Path, cfg: evolve.Config, questions: list[dict], mode: str, 
     return json.loads(path.read_text())
 
 
-def row(name: str, seed, ckpt: Path, ev: dict) -> dict:
+def kind_em(ev: dict, test: list[dict]) -> dict[str, float]:
+    """Test EM per question kind, from the cached per-question EM: which kinds a variant's gain comes from."""
+    groups = {}
+    for q in test:
+        if q.get("kind") is not None:
+            groups.setdefault(q["kind"], []).append(ev["em"][q["id"]])
+    return {k: float(np.mean(v)) for k, v in sorted(groups.items())}
+
+
+def row(name: str, seed, ckpt: Path, ev: dict, test: list[dict]) -> dict:
     s, m = ev["summary"], json.loads((ckpt / "metrics.json").read_text())
     hop = {k: h for k, h in ev["by_hop"].items() if h["n"]}  # no 2-hop questions: None, not an EM of 0
     return {"variant": name, "seed": seed, "round": m["round"], "dev_em": m["dev_em"], "test_em": s["em"],
             "test_f1": s["f1"], "n_test": s["n"], "hop1_em": hop.get("hop1", {}).get("em"),
             "hop2_em": hop.get("hop2", {}).get("em"), "hop2_searches_per_q": hop.get("hop2", {}).get("searches_per_q"),
             "searches_per_q": s["searches_per_q"], "gen_tokens_per_q": s["gen_tokens_per_q"],
-            "invalid_actions": s["invalid_actions"], "checkpoint": str(ckpt)}
+            "invalid_actions": s["invalid_actions"], "kind_em": kind_em(ev, test), "checkpoint": str(ckpt)}
 
 
 def paired_bootstrap(gains, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -141,34 +151,52 @@ def mean_std(vals, fmt: str = ".3f") -> str:
     return f"{np.mean(vals):{fmt}}" + (f" ± {np.std(vals, ddof=1):{fmt}}" if len(vals) > 1 else "")  # std over seeds
 
 
+def pooled(evals: dict, name: str, seeds, qids) -> np.ndarray:
+    """Each test question's EM averaged over the variant's given seeds: the unit the bootstrap resamples."""
+    return np.mean([[evals[(name, k)]["em"][q] for q in qids] for k in seeds], axis=0)
+
+
 def table(rows: list[dict], evals: dict, names: list[str], seeds: list[int]) -> str:
     base = evals[("round0", None)]["em"]
-    lines = ["| variant | seeds | test EM | Δ test EM vs round 0 [95% CI] | dev EM | 2-hop EM | searches/q | "
-             "gen tokens/q |", "|---|---|---|---|---|---|---|---|"]
-    missing = []
+    done = {n: [r["seed"] for r in rows if r["variant"] == n] for n in names}
+    lines = ["| variant | seeds | test EM | Δ test EM vs round 0 [95% CI] | Δ vs grpo+opsd, same seeds [95% CI] | "
+             "dev EM | 2-hop EM | searches/q | gen tokens/q |", "|---|---|---|---|---|---|---|---|---|"]
+    missing = [f"{n} seed {','.join(str(k) for k in seeds if k not in done[n])}" for n in names
+               if len(done[n]) < len(seeds)]
+    fmt = lambda d, lo, hi: f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
     for name in ["round0", *names]:
         rs = [r for r in rows if r["variant"] == name]
-        if name != "round0" and len(rs) < len(seeds):
-            missing.append(f"{name} seed {','.join(str(k) for k in seeds if k not in [r['seed'] for r in rs])}")
         if not rs:
             continue
-        gain = "—"
+        gain = versus = "—"
         if name != "round0":
-            # seeds pooled first: each question's EM averaged over the variant's seeds, then questions resampled
-            pooled = np.mean([[evals[(name, r["seed"])]["em"][q] for q in base] for r in rs], axis=0)
-            d, lo, hi = paired_bootstrap(pooled - np.array(list(base.values())))
-            gain = f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            gain = fmt(*paired_bootstrap(pooled(evals, name, done[name], base) - np.array(list(base.values()))))
+            if name != DEFAULT and (common := [k for k in done[name] if k in done.get(DEFAULT, [])]):
+                # seed for seed: the same seeds of both, so sampling luck is shared as far as it can be
+                diff = pooled(evals, name, common, base) - pooled(evals, DEFAULT, common, base)
+                versus = fmt(*paired_bootstrap(diff)) + f" (seeds {','.join(map(str, common))})"
         lines.append(f"| {name} | {len(rs) if name != 'round0' else '—'} | {mean_std([r['test_em'] for r in rs])} | "
-                     f"{gain} | {mean_std([r['dev_em'] for r in rs])} | {mean_std([r['hop2_em'] for r in rs])} | "
-                     f"{mean_std([r['searches_per_q'] for r in rs], '.2f')} | "
+                     f"{gain} | {versus} | {mean_std([r['dev_em'] for r in rs])} | "
+                     f"{mean_std([r['hop2_em'] for r in rs])} | {mean_std([r['searches_per_q'] for r in rs], '.2f')} | "
                      f"{mean_std([r['gen_tokens_per_q'] for r in rs], '.1f')} |")
     n = rows[0]["n_test"]
     notes = [f"\nTest EM: the whole test split ({n} questions), greedy, final checkpoint; dev EM: the loop's own "
-             f"monitor after its last round; ± is the std over seeds {','.join(map(str, seeds))}; the CI is a paired "
-             "bootstrap over test questions (2000 resamples), seeds pooled per question."]
+             f"monitor after its last round; ± is the std over seeds {','.join(map(str, seeds))}; the CIs are paired "
+             "bootstraps over test questions (2000 resamples), seeds pooled per question."]
     if missing:
         notes.append(f"Not finished yet (left out): {'; '.join(missing)}.")
     return "\n".join(lines + notes)
+
+
+def kind_table(rows: list[dict], names: list[str], test: list[dict]) -> str:
+    """Test EM per question kind, each variant's mean over its seeds: where the overall EM moves."""
+    cols = [n for n in ["round0", *names] if any(r["variant"] == n for r in rows)]
+    lines = ["| kind | n | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for k in rows[0]["kind_em"]:
+        ems = [np.mean([r["kind_em"][k] for r in rows if r["variant"] == c]) for c in cols]
+        n = sum(q.get("kind") == k for q in test)
+        lines.append(f"| {k} | {n} | " + " | ".join(f"{e:.2f}" for e in ems) + " |")
+    return "\n".join(lines)
 
 
 def baselines(r0: Path, finals: list[Path], cfg: evolve.Config, test: list[dict]) -> str:
@@ -215,15 +243,17 @@ def main(argv=None):
             train(root, r0, name, seed, passed, table_of[name], cfg.rounds)
     test = load_qa(Path(cfg.questions or QUESTIONS_DIR) / "test.jsonl")
     evals = {("round0", None): eval_once(r0, cfg, test, "agent", "eval_test.json")}
-    rows = [row("round0", None, r0, evals[("round0", None)])]
+    rows = [row("round0", None, r0, evals[("round0", None)], test)]
     for name in names:
         for seed in seeds:
             ck = run_dir(root, name, seed) / final
             if (ck / "metrics.json").exists():
                 evals[(name, seed)] = eval_once(ck, cfg, test, "agent", "eval_test.json")
-                rows.append(row(name, seed, ck, evals[(name, seed)]))
+                rows.append(row(name, seed, ck, evals[(name, seed)], test))
     (root / "ablation.json").write_text(json.dumps(rows, indent=1))
     md = f"# Ablation: {cfg.rounds} round(s) from one round 0\n\n" + table(rows, evals, names, seeds)
+    if rows[0]["kind_em"]:
+        md += "\n\n## Test EM by question kind (mean over seeds)\n\n" + kind_table(rows, names, test)
     if flag("baselines"):
         finals = [Path(r["checkpoint"]) for r in rows if r["variant"] == DEFAULT]
         md += "\n\n## Agent vs direct vs naive RAG\n\n" + baselines(r0, finals, cfg, test)

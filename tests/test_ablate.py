@@ -38,6 +38,18 @@ def test_paired_bootstrap_collapses_on_equal_gains_and_centres_on_the_mean():
     assert ablate.paired_bootstrap(gains) == (mean, lo, hi)  # a fixed seed: the same CI every time
 
 
+def test_kind_em_groups_cached_per_question_em_by_kind_and_the_table_averages_seeds():
+    test = [{"id": "a", "kind": "x"}, {"id": "b", "kind": "x"}, {"id": "c", "kind": "y"}, {"id": "d"}]
+    ev = lambda *em: {"em": dict(zip("abcd", em))}
+    assert ablate.kind_em(ev(1.0, 0.0, 1.0, 1.0), test) == {"x": 0.5, "y": 1.0}  # "d" has no kind: left out
+    rows = [{"variant": "round0", "kind_em": ablate.kind_em(ev(0.0, 0.0, 1.0, 0.0), test)},
+            {"variant": "v", "kind_em": ablate.kind_em(ev(1.0, 1.0, 0.0, 0.0), test)},
+            {"variant": "v", "kind_em": ablate.kind_em(ev(1.0, 0.0, 0.0, 0.0), test)}]
+    md = ablate.kind_table(rows, ["v", "w"], test)  # w has no rows: no column
+    assert md.splitlines()[0] == "| kind | n | round0 | v |"
+    assert md.splitlines()[2:] == ["| x | 2 | 0.00 | 0.75 |", "| y | 1 | 1.00 | 0.00 |"]
+
+
 def test_answerable_keeps_questions_whose_answer_is_in_the_top_k():
     class Stub:
         def search(self, queries, k):
@@ -77,7 +89,10 @@ def test_study_shares_round_0_caches_runs_and_tabulates_seeds(tmp_path, tok, mon
     md = (root / "ablation.md").read_text()
     assert md in capsys.readouterr().out + "\n"
     assert md.count("\n| grpo |") == 1 and md.count("\n| grpo+opsd |") == 2  # the ablation and the baselines
+    assert md.split("\n| grpo |")[1].splitlines()[0].count("] (seeds 0,1) |") == 1  # vs the paper's step, paired
     assert "test rag EM" in md and "eqa direct EM" in md
+    kinds = {json.loads(line)["kind"] for line in (qdir / "test.jsonl").read_text().splitlines()}
+    assert all(set(r["kind_em"]) == kinds for r in rows) and "| kind | n | round0 | grpo | grpo+opsd |" in md
 
     # a rerun trains nothing and rewrites no checkpoint: every (variant, seed) is cached
     files = lambda: {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "ablation" not in p.name}
