@@ -9,13 +9,12 @@ too), counts answers that are the person's birth year, death year, or neither. S
 dev trajectories. No model runs.
 """
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, run from anywhere
-from data.load import CORPUS_PATH, QUESTIONS_DIR, read_jsonl  # noqa: E402
+from data.load import QUESTIONS_DIR, load_summaries, read_jsonl  # noqa: E402
 from data.questions import LIFE  # noqa: E402
 from metrics import exact_match  # noqa: E402
 
@@ -23,14 +22,9 @@ KINDS = ("birth_year", "death_year", "riddle_year")
 
 
 def lifespans() -> dict[str, tuple[str, str]]:
-    """title -> (birth year, death year), from the corpus's first line under the title, as data/questions.py reads it."""
-    out = {}
-    for *_, doc in read_jsonl(CORPUS_PATH):
-        title, _, rest = doc["contents"].partition("\n")
-        m = LIFE.match(rest.split(". ")[0].strip().rstrip("."))
-        if m and m["b"] and m["d"]:
-            out[title.strip('"')] = (m["b"], m["d"])
-    return out
+    """title -> (birth year, death year), read from each article's description as data/questions.py reads it."""
+    life = {t: LIFE.match(a.get("description", "").strip()) for t, a in load_summaries().items()}
+    return {t: (m["b"], m["d"]) for t, m in life.items() if m and m["b"] and m["d"]}
 
 
 def which_year(records: list[dict], questions: dict[str, dict], life: dict) -> dict[str, Counter]:
@@ -54,7 +48,8 @@ def main(argv=None):
     print(f"{'records':<40} " + " ".join(f"{k + ' (birth/death/other)':>34}" for k in KINDS))
     for path in args.records:
         c = which_year([r for *_, r in read_jsonl(path)], questions, life)
-        print(f"{path:<40} " + " ".join(f"{c[k]['birth']:>22} / {c[k]['death']:>3} / {c[k]['other']:>3}" for k in KINDS))
+        cells = [f"{c[k]['birth']:>22} / {c[k]['death']:>3} / {c[k]['other']:>3}" for k in KINDS]
+        print(f"{path:<40} " + " ".join(cells))
 
 
 if __name__ == "__main__":
