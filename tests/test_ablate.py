@@ -86,7 +86,7 @@ def test_study_shares_round_0_caches_runs_and_tabulates_seeds(tmp_path, tok, mon
             run = ablate.run_dir(root, r["variant"], r["seed"])
             assert (run / "round_0" / "model.safetensors").read_bytes() == base  # one start for every run
             assert len(json.loads((run / "round_1" / "eval_test.json").read_text())["em"]) == 6  # per question
-    md = (root / "ablation.md").read_text()
+    md = md_full = (root / "ablation.md").read_text()
     assert md in capsys.readouterr().out + "\n"
     assert md.count("\n| grpo |") == 1 and md.count("\n| grpo+opsd |") == 2  # the ablation and the baselines
     assert md.split("\n| grpo |")[1].splitlines()[0].count("] (seeds 0,1) |") == 1  # vs the paper's step, paired
@@ -107,3 +107,12 @@ def test_study_shares_round_0_caches_runs_and_tabulates_seeds(tmp_path, tok, mon
     ablate.main([*argv[:-2], "--variants=grpo,sft", "--seeds=0,1", "--report"])
     md = (root / "ablation.md").read_text()
     assert "\n| grpo |" in md and "\n| sft |" not in md and "left out): sft seed 0,1" in md
+
+    # --keep: the study's small files alone (no weights) give the same table again, nothing evaluated twice
+    kept = tmp_path / "kept"
+    ablate.main([*argv, "--baselines", "--report", f"--keep={kept}"])
+    assert not list(kept.rglob("*.safetensors")) and (kept / "ablation.md").read_text() == md_full
+    monkeypatch.setattr(ablate, "load_policy", lambda *a: pytest.fail("evaluated again"))
+    again = ablate.main([a.replace(f"--out_dir={root}", f"--out_dir={kept}") for a in argv] + ["--baselines", "--report"])
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "checkpoint"} for r in rs]
+    assert strip(again) == strip(rows) and (kept / "ablation.md").read_text() == md_full

@@ -1,8 +1,11 @@
 """model.py: loading, saving, prompts, sampling and log-probs; one test runs the real embedded model."""
+import shutil
+
 import pytest
 import torch
 
 import model as M
+from data.load import ensure_gguf
 
 
 def test_embedded_default_answers_the_paris_check_offline():
@@ -18,6 +21,14 @@ def test_embedded_default_is_a_plain_safetensors_hf_folder():
     M.resolve(M.EMBEDDED)
     assert (folder / "model.safetensors").exists() and (folder / "config.json").exists()
     assert "quantization_config" not in (folder / "config.json").read_text()
+
+
+def test_a_conversion_another_process_finished_first_keeps_that_folder_and_leaves_no_temp(tmp_path):
+    out = tmp_path / "model"  # two first runs convert at once; the slower one finds the folder already there
+    shutil.copytree(M.resolve(M.EMBEDDED), out)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert M.convert_gguf(ensure_gguf(), out) == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp and list(tmp_path.iterdir()) == [out]
 
 
 def test_chat_prompt_wraps_the_question_in_the_chat_template(tok):
