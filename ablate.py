@@ -112,7 +112,7 @@ def eval_once(ckpt: Path, cfg: evolve.Config, questions: list[dict], mode: str, 
         with torch.no_grad():
             _, recs = evaluate(policy.eval(), tok, questions, get_retriever(cfg.corpus or None, cfg.retriever_url
                                or None), mode, evolve.rollout_cfg(cfg), desc=f"{mode} {ckpt}")
-        tmp = path.with_suffix(".tmp")  # written whole, then renamed: a kill never leaves half a cache
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # whole, then renamed: a kill never leaves half a cache
         tmp.write_text(json.dumps({"summary": summarize(recs), "by_hop": by_hop(recs),
                                    "em": {r["id"]: r["em"] for r in recs}}))
         os.replace(tmp, path)
