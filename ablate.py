@@ -26,7 +26,7 @@ test EM per question kind (where the gain comes from).
 on the answerable part of ../shared/data/efficientqa_dev.jsonl.
 --keep=DIR copies every run's small files (metrics, cached evals; no weights) into DIR, laid out as the study:
 `python ablate.py --report --out_dir=DIR` then tabulates the same study again after its checkpoints are gone
-(docs/ablation/ holds the study behind the README's table).
+(docs/ablation/ keeps the runs finished since this option existed).
 """
 import json
 import os
