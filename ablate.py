@@ -26,7 +26,8 @@ test EM per question kind (where the gain comes from).
 on the answerable part of ../shared/data/efficientqa_dev.jsonl.
 --keep=DIR copies every run's small files (metrics, cached evals; no weights) into DIR, laid out as the study:
 `python ablate.py --report --out_dir=DIR` then tabulates the same study again after its checkpoints are gone
-(docs/ablation/ keeps the runs finished since this option existed).
+(docs/ablation/ keeps the current code's runs; docs/ablation_cut/ those from before a cut <information> block
+kept its closing tag).
 """
 import json
 import os

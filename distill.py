@@ -35,7 +35,8 @@ from train import autocast, make_optimizer, split, train
 
 HINT_QUERIES = "\nA correct and efficient solution {how}: {answer}.\n"
 HINT_FULL = "\nA correct and efficient solution to this question:\n{text}\n"
-SPANS = ("think", "query", "answer")  # where a generated token sits, for the per-span diagnostics
+SPANS = ("think", "query", "answer", "tag")  # where a generated token sits, for the per-span diagnostics
+TAG = re.compile(r"</?(?:think|search|answer)>")
 
 
 @dataclass
@@ -154,11 +155,12 @@ def top1_cross_entropy(teacher_logits, student_logits) -> torch.Tensor:
 
 def span_labels(tok, t) -> list[int]:
     """Per response token, its index in SPANS: 1 if it overlaps a query (the text inside <search>..</search>),
-    2 an answer, else 0: reasoning, tags and <information> (masked in training anyway)."""
+    2 an answer, else 3 if it overlaps a protocol tag, else 0: reasoning and <information> (masked anyway)."""
     pieces = tok.batch_decode([[i] for i in t.token_ids[t.prompt_len:]])
     text, ends = "".join(pieces), list(itertools.accumulate(map(len, pieces)))
     spans = [(m.start(1) + len(m[1]) - len(m[1].lstrip()), m.end(1) - len(m[1]) + len(m[1].rstrip()), k)
              for k, tag in ((1, "search"), (2, "answer")) for m in re.finditer(rf"<{tag}>(.*?)</{tag}>", text, re.S)]
+    spans += [(m.start(), m.end(), 3) for m in TAG.finditer(text)]  # after the contents: they win a shared token
     return [next((k for s, e, k in spans if a < e and b > s), 0) for a, b in zip([0] + ends[:-1], ends)]
 
 

@@ -266,7 +266,7 @@ def main(argv=None):
                 bad = count_bad_steps(bad, dstats, cfg.max_bad_steps, f"round {r} distill")
                 sync()
             diag = {k: dstats[k] for k in ("format_valid", "kl_before", "disagree_rate", "kl_think", "kl_query",
-                                           "kl_answer") if k in dstats}
+                                           "kl_answer", "kl_tag") if k in dstats}
             for t in trajs[::cfg.group_size][:cfg.show]:  # a few, so a student sees the agent change
                 print(f"  Q: {t.question}\n  -> queries {t.queries} answer {t.answer!r} reward {t.reward}")
         crash_point(f"trained:{r}")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model import chat_prompt, sample
-from search import safe_search
+from search import information, safe_search
 
 # Search-R1's instruction, verbatim except for the question slot.
 AGENT_PROMPT = (
@@ -51,7 +51,7 @@ class RolloutConfig:
     max_turns: int = 4             # searches allowed; then one last turn with search disabled
     topk: int = 3
     max_turn_tokens: int = 96      # per generation turn
-    max_obs_tokens: int = 256      # an <information> block is cut to this many tokens (Search-R1 does too)
+    max_obs_tokens: int = 256      # an <information> block is cut to this many tokens (search.information)
     max_total_tokens: int = 640    # generated + observation tokens per trajectory
     temperature: float = 1.0       # 0 = greedy
     top_p: float = 1.0
@@ -248,7 +248,7 @@ def _run(model, tok, trajs: list[Trajectory], retriever, cfg: RolloutConfig, gen
             queries = [slot[s].queries[-1] for s in to_search]
             for s, res in zip(to_search, safe_search(retriever, queries, cfg.topk, cfg.on_search_error)):
                 slot[s].observations.append(res)
-                observe(s, enc(f"\n\n<information>{res.strip()}</information>\n\n")[:cfg.max_obs_tokens])
+                observe(s, information(enc, res, cfg.max_obs_tokens))
         if decoding:                                   # every slot takes part (a view of the cache, no copy)
             out = feed(model, cache, list(range(S)), [[turn[s][-1]] if s in decoding else [] for s in range(S)], pad)
             logits = [out[s] if s in decoding else lg for s, lg in enumerate(logits)]

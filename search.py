@@ -236,6 +236,15 @@ def format_docs(docs: list[Doc]) -> str:
     return "".join(f'Doc {i}(Title: "{d.title}") {d.text}\n' for i, d in enumerate(docs, 1)) or "No results found.\n"
 
 
+def information(enc, docs: str, max_tokens: int) -> list[int]:
+    """A search's <information> block as token ids, at most max_tokens; a cut keeps the closing tag (departure:
+    Search-R1 cuts the tag too; here most blocks are cut, and a trained policy answers an unclosed block with a
+    stray </answer>, docs/experiments.md)."""
+    whole, tail = enc(f"\n\n<information>{docs.strip()}</information>\n\n"), enc("</information>\n\n")
+    cut = enc(f"\n\n<information>{docs.strip()}")[:max_tokens - len(tail)]
+    return whole if len(whole) <= max_tokens else cut + tail
+
+
 def safe_search(retriever, queries: list[str], k: int, on_error: str = "observe") -> list[str]:
     """Rendered results per query. A retriever failure becomes an observation, never a crashed batch, unless
     on_error is "stop": then it is raised, since a run whose every search fails trains on noise."""

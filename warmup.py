@@ -11,7 +11,7 @@ would have produced them, so the warm-up trains on the same masks and layout as 
 from distill import DistillConfig, distill
 from metrics import exact_match
 from rollout import RolloutConfig, Trajectory, build_prompt
-from search import safe_search
+from search import information, safe_search
 
 
 def scripted_traces(tok, questions: list[dict], retriever, rcfg: RolloutConfig) -> list[Trajectory]:
@@ -26,7 +26,7 @@ def scripted_traces(tok, questions: list[dict], retriever, rcfg: RolloutConfig) 
         for i, query in enumerate(queries):
             think = "I need to search for" if i == 0 else "Now I need to search for"
             docs = safe_search(retriever, [query], rcfg.topk, rcfg.on_search_error)[0]
-            obs = enc(f"\n\n<information>{docs.strip()}</information>\n\n")[:rcfg.max_obs_tokens]
+            obs = information(enc, docs, rcfg.max_obs_tokens)
             seen += tok.decode(obs)
             for ids, m in ((enc(f"<think> {think} {query}. </think>\n<search> {query} </search>"), 1), (obs, 0)):
                 t.token_ids += ids; t.loss_mask += [m] * len(ids)

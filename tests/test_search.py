@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from search import (BM25, Doc, HTTPRetriever, ReferenceBM25, RetrieverError, format_docs,  # noqa: E402
+from search import (BM25, Doc, HTTPRetriever, ReferenceBM25, RetrieverError, format_docs, information,  # noqa: E402
                     get_retriever, load_corpus, split_title, tokenize)
 
 REAL_CORPUS = ROOT / "data/cache/corpus.jsonl"
@@ -188,6 +188,17 @@ def test_format_docs_renders_search_r1_lines():
     docs = [Doc("1", "Paris", "Paris is a city.", 2.0), Doc("2", "Rome", "Rome too.", 1.0)]
     assert format_docs(docs) == 'Doc 1(Title: "Paris") Paris is a city.\nDoc 2(Title: "Rome") Rome too.\n'
     assert format_docs([]) == "No results found.\n"
+
+
+def test_a_cut_information_block_keeps_its_closing_tag(tok):
+    enc = lambda s: tok(s, add_special_tokens=False).input_ids
+    short = information(enc, "Doc 1(Title: \"Paris\") Paris is a city.\n", 256)
+    assert short == enc("\n\n<information>Doc 1(Title: \"Paris\") Paris is a city.</information>\n\n")  # uncut: as is
+    docs = "Doc 1(Title: \"Rome\") " + "Rome is old. " * 200
+    assert "</information>" not in tok.decode(enc(f"\n\n<information>{docs}</information>\n\n")[:64])  # a plain cut
+    cut = tok.decode(information(enc, docs, 64))
+    assert len(information(enc, docs, 64)) == 64 and cut.startswith("\n\n<information>Doc 1(Title: \"Rome\") Rome")
+    assert cut.endswith("</information>\n\n") and cut.count("</information>") == 1
 
 
 def test_get_retriever_missing_corpus_points_to_prepare(tmp_path):
