@@ -240,9 +240,11 @@ def information(enc, docs: str, max_tokens: int) -> list[int]:
     """A search's <information> block as token ids, at most max_tokens; a cut keeps the closing tag (departure:
     Search-R1 cuts the tag too; here most blocks are cut, and a trained policy answers an unclosed block with a
     stray </answer>, docs/experiments.md)."""
-    whole, tail = enc(f"\n\n<information>{docs.strip()}</information>\n\n"), enc("</information>\n\n")
-    cut = enc(f"\n\n<information>{docs.strip()}")[:max_tokens - len(tail)]
-    return whole if len(whole) <= max_tokens else cut + tail
+    whole = enc(f"\n\n<information>{docs.strip()}</information>\n\n")
+    if len(whole) <= max_tokens:  # the common case tokenizes once, exactly as before the cut rule
+        return whole
+    tail = enc("</information>\n\n")
+    return enc(f"\n\n<information>{docs.strip()}")[:max_tokens - len(tail)] + tail
 
 
 def safe_search(retriever, queries: list[str], k: int, on_error: str = "observe") -> list[str]:

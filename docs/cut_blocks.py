@@ -9,8 +9,12 @@ and the invalid actions that come right after a block, split by whether that blo
 """
 import json
 import sys
+from pathlib import Path
 
-INVALID = "My previous action is invalid"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, run from anywhere
+from rollout import INVALID as INVALID_TURN  # noqa: E402
+
+INVALID = INVALID_TURN.strip().split(".")[0]  # "My previous action is invalid": what rollout.py appends
 
 
 def count(records: list[dict]) -> dict:

@@ -152,7 +152,8 @@ def test_kl_counts_only_the_students_policy_tokens_and_only_the_student_has_grad
 def test_span_labels_mark_queries_and_answers(tok):
     t = group(tok)[3]  # one search "france", answer "Lyon"
     resp = t.token_ids[t.prompt_len:]
-    own = [(i, lab) for i, lab, m in zip(resp, span_labels(tok, t), t.loss_mask[t.prompt_len:]) if m]  # no <information>
+    # the policy's own tokens only: <information> is the retriever's
+    own = [(i, lab) for i, lab, m in zip(resp, span_labels(tok, t), t.loss_mask[t.prompt_len:]) if m]
     by_span = {k: tok.decode([i for i, lab in own if lab == k]) for k in range(4)}
     assert by_span[1].strip() == "france" and by_span[2].strip().startswith("Lyon")
     assert "ok" in by_span[0] and "france" not in by_span[0] and "<" not in by_span[0]
