@@ -223,9 +223,12 @@ def baselines(r0: Path, finals: list[Path], cfg: evolve.Config, test: list[dict]
     return "\n".join(lines + [f"\n{note}"])
 
 
-def keep(root: Path, dest: Path) -> None:
-    """The study without its weights: what --report reads (metrics, per-question evals), a few KB per run."""
-    for src in [*root.rglob("metrics.json*"), *root.rglob("eval_*.json"), root / "ablation.json", root / "ablation.md"]:
+def keep(root: Path, dest: Path, rows: list[dict]) -> None:
+    """The reported runs without their weights: what --report reads (metrics, per-question evals), a few KB per
+    run. Runs not in the table (one still training) stay out."""
+    runs = {Path(r["checkpoint"]).parent for r in rows}
+    found = [p for d in runs for pattern in ("metrics.json*", "eval_*.json") for p in d.rglob(pattern)]
+    for src in [*found, root / "ablation.json", root / "ablation.md"]:
         if src.is_file() and ".round_0.tmp" not in src.parts:
             (dest / src.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / src.relative_to(root))
@@ -272,7 +275,7 @@ def main(argv=None):
     print(f"\n{md}")
     (root / "ablation.md").write_text(md + "\n")
     if opts.get("keep") and Path(opts["keep"]).resolve() != root.resolve():
-        keep(root, Path(opts["keep"]))
+        keep(root, Path(opts["keep"]), rows)
     return rows
 
 

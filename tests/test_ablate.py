@@ -110,8 +110,12 @@ def test_study_shares_round_0_caches_runs_and_tabulates_seeds(tmp_path, tok, mon
 
     # --keep: the study's small files alone (no weights) give the same table again, nothing evaluated twice
     kept = tmp_path / "kept"
+    unfinished = ablate.run_dir(root, "sft", 7)  # a run still training, not in the table: not kept
+    (unfinished / "round_0").mkdir(parents=True)
+    (unfinished / "metrics.jsonl").write_text("{}\n")
     ablate.main([*argv, "--baselines", "--report", f"--keep={kept}"])
     assert not list(kept.rglob("*.safetensors")) and (kept / "ablation.md").read_text() == md_full
+    assert not (kept / unfinished.relative_to(root)).exists()
     monkeypatch.setattr(ablate, "load_policy", lambda *a: pytest.fail("evaluated again"))
     again = ablate.main([a.replace(f"--out_dir={root}", f"--out_dir={kept}") for a in argv] + ["--baselines", "--report"])
     strip = lambda rs: [{k: v for k, v in r.items() if k != "checkpoint"} for r in rs]
