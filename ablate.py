@@ -229,7 +229,7 @@ def keep(root: Path, dest: Path, rows: list[dict]) -> None:
     runs = {Path(r["checkpoint"]).parent for r in rows}
     found = [p for d in runs for pattern in ("metrics.json*", "eval_*.json") for p in d.rglob(pattern)]
     for src in [*found, root / "ablation.json", root / "ablation.md"]:
-        if src.is_file() and ".round_0.tmp" not in src.parts:
+        if src.is_file():
             (dest / src.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / src.relative_to(root))
 
