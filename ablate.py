@@ -3,10 +3,12 @@
     python ablate.py [--variants=a,b] [--seeds=0,1,2] [--baselines] [--report] [--keep=DIR] [--key=value ...]
 
 Every other --key=value goes to evolve.py (e.g. --rounds=1 for a quick study); --out_dir is the study's root
-(default runs/ablation). Every variant gets the same number of training questions per round; only what a round
-does with them changes:
+(default runs/ablation). Every variant spends one budget per round: the same training questions, G rollouts of
+each, the same number of optimizer steps (grpo_steps + distill_steps) at one learning rate; only what a round
+does with them changes. What a variant cannot match is what it is: SFT trains on at most 2 correct trajectories
+a question, self-distillation on every trajectory its sibling outdoes.
 
-    grpo               GRPO steps only (as many questions, in steps of about grpo_questions)
+    grpo               GRPO steps only (the same questions and steps, each step on its share of the questions)
     grpo+opsd          evolve.py's default: the paper's loop
     grpo+opsd-nohint   the same loss with no sibling in the teacher's context: is it the privileged information?
     grpo+sft           GRPO, then cross-entropy on the kept (correct) traces instead of self-distillation
@@ -43,7 +45,7 @@ import evolve
 from data.load import QUESTIONS_DIR, load_qa
 from data.prepare import ensure_all
 from eval import answerable, by_hop, evaluate, summarize
-from model import load_policy
+from model import load_policy, machine
 from search import get_retriever
 
 EFFICIENTQA = Path(__file__).resolve().parent.parent / "shared" / "data" / "efficientqa_dev.jsonl"
@@ -52,11 +54,15 @@ OWN = ("--variants", "--seeds", "--baselines", "--report", "--out_dir", "--keep"
 
 
 def variants(cfg: evolve.Config) -> dict[str, list[str]]:
-    per_round = cfg.grpo_steps * cfg.grpo_questions + cfg.distill_questions  # the budget every variant gets
-    steps = max(1, round(per_round / cfg.grpo_questions))  # GRPO alone: as many steps, of the same size or so
-    alone = ["--grpo_steps=0", f"--distill_questions={per_round}"]
-    return {"grpo": [f"--grpo_steps={steps}", f"--grpo_questions={-(-per_round // steps)}", "--distill=none",
-                     "--distill_questions=0"],
+    """Each variant's evolve.py flags, all on the default's budget (questions and optimizer steps per round)."""
+    per_round = cfg.grpo_steps * cfg.grpo_questions + cfg.distill_questions
+    steps = cfg.grpo_steps + cfg.distill_steps
+    if per_round % steps or cfg.grpo_lr != cfg.distill_lr:
+        sys.exit(f"one budget for every variant: {per_round} questions a round must split evenly into {steps} GRPO "
+                 f"steps, and --grpo_lr must equal --distill_lr (got {cfg.grpo_lr} and {cfg.distill_lr})")
+    alone = ["--grpo_steps=0", f"--distill_questions={per_round}", f"--distill_steps={steps}"]
+    return {"grpo": [f"--grpo_steps={steps}", f"--grpo_questions={per_round // steps}", "--distill=none",
+                     "--distill_questions=0", "--distill_steps=0"],
             "grpo+opsd": ["--distill=opsd"],
             "grpo+opsd-nohint": ["--distill=opsd", "--teacher_shows=none"],
             "grpo+sft": ["--distill=sft"],
@@ -129,10 +135,26 @@ def kind_em(ev: dict, test: list[dict]) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in sorted(groups.items())}
 
 
+def budget(ckpt: Path) -> dict:
+    """What a run spent over rounds 1..R (its round_r/metrics.json): optimizer steps summed; kl_before (each
+    distillation batch's KL just before its own update, averaged over the phase) averaged over rounds, None
+    without a teacher; its budget (questions, rollouts, steps, lr), machine class and precision, "mixed" where
+    its rounds disagree."""
+    R = int(ckpt.name.removeprefix("round_"))
+    ms = [json.loads((ckpt.parent / f"round_{r}" / "metrics.json").read_text()) for r in range(R + 1)]
+    kl = [m["kl_before"] for m in ms[1:] if m.get("kl_before") is not None]
+    rounds = ms[1:] or ms
+    one = lambda k: rounds[-1].get(k) if all(m.get(k) == rounds[-1].get(k) for m in rounds) else "mixed"
+    return {"optimizer_steps": sum(m.get("optimizer_steps", 0) for m in ms[1:]),
+            "kl_before": float(np.mean(kl)) if kl else None, "budget": one("budget"), "machine": one("machine"),
+            "precision": one("precision")}
+
+
 def row(name: str, seed, ckpt: Path, ev: dict, test: list[dict]) -> dict:
     s, m = ev["summary"], json.loads((ckpt / "metrics.json").read_text())
     hop = {k: h for k, h in ev["by_hop"].items() if h["n"]}  # no 2-hop questions: None, not an EM of 0
-    return {"variant": name, "seed": seed, "round": m["round"], "dev_em": m["dev_em"], "test_em": s["em"],
+    return {"variant": name, "seed": seed, "round": m["round"], **budget(ckpt), "dev_em": m["dev_em"],
+            "test_em": s["em"],
             "test_f1": s["f1"], "n_test": s["n"], "hop1_em": hop.get("hop1", {}).get("em"),
             "hop2_em": hop.get("hop2", {}).get("em"), "hop2_searches_per_q": hop.get("hop2", {}).get("searches_per_q"),
             "searches_per_q": s["searches_per_q"], "gen_tokens_per_q": s["gen_tokens_per_q"],
@@ -252,6 +274,11 @@ def main(argv=None):
     r0 = build_round0(root, passed) if not flag("report") else root / "round0" / "round_0"
     if not (r0 / "metrics.json").exists():
         sys.exit(f"no round 0 in {r0.parent}: run without --report first")
+    built, here = json.loads((r0 / "metrics.json").read_text()).get("machine", {}), machine(cfg.device or None)
+    if not flag("report") and built.get("class") != here["class"]:  # rows of one table: one machine class
+        sys.exit(f"this study's round 0 was built on {built.get('device')} ({built.get('class')}); this machine is "
+                 f"{here['device']} ({here['class']}), which rounds differently: resume it on its class, or start "
+                 "another study (--out_dir)")
     final = f"round_{cfg.rounds}"
     for name in names if not flag("report") else []:
         for seed in seeds:

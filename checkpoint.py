@@ -74,22 +74,25 @@ def phase(m: dict, name: str):
     m[f"{name}_seconds"] = round(m.get(f"{name}_seconds", 0.0) + time.time() - t0, 2)
 
 
-def save_round(policy, opt, tok, out: Path, r: int, metrics: dict):
-    """Atomic (checkpoint.py): a temp folder, fsynced and renamed, so a half-written round is never loaded. The
-    optimizer state is kept for round 0 (every ablation variant starts there) and the latest round only."""
+def save_round(policy, opts: dict, tok, out: Path, r: int, metrics: dict):
+    """Atomic (checkpoint.py): a temp folder, fsynced and renamed, so a half-written round is never loaded.
+    opts: {trainer name: its AdamW}, saved as optimizer_<name>.safetensors; kept for round 0 (every ablation
+    variant starts there) and the latest round only."""
     check_finite(policy, f"round {r}")
     tmp = out / f".round_{r}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     with phase(metrics, "checkpoint"):
         save_policy(policy, tok, tmp)
-        save_optimizer(opt, policy, tmp / "optimizer.safetensors")
+        for name, opt in opts.items():
+            save_optimizer(opt, policy, tmp / f"optimizer_{name}.safetensors")
     (tmp / "metrics.json").write_text(json.dumps(metrics))
     crash_point(f"save:{r}")
     commit(tmp, out / f"round_{r}")
     crash_point(f"saved:{r}")
     for old in finished_rounds(out):
         if 0 < old < r:
-            (out / f"round_{old}" / "optimizer.safetensors").unlink(missing_ok=True)
+            for f in (out / f"round_{old}").glob("optimizer_*.safetensors"):
+                f.unlink()
     rebuild_metrics(out)
     plot(out)
 

@@ -10,14 +10,18 @@ Read top to bottom, this is the paper's Algorithm: rounds of vanilla GRPO altern
         self-distillation on them: opsd (paper) or sft on kept traces             (distill.py)
         evaluate on dev (test at round 0 and the last round only), save out_dir/round_r, log metrics.jsonl
 
-One AdamW serves every phase and persists across rounds, saved with each round (train.py says why).
-The teacher of self-distillation is the rollout copy of the policy (the "actor"): the post-GRPO weights, frozen
-for the whole phase (it is re-synced only after it). torchrun --nproc_per_node=N evolve.py ...: each process
-takes a shard of every batch of questions, training equals one process's on all of them (parallel.py).
+One budget per round, whatever the variant (ablate.py): round_questions questions, G rollouts each, grpo_steps +
+distill_steps optimizer steps, one learning rate. GRPO and distillation each have their own AdamW, kept across
+rounds and saved with each round (train.py says why); distillation's has no weight decay: decay would be the one
+force on the weights where the KL gradient is 0 (the no-hint control), and would make that control's KL non-zero.
+The teacher of self-distillation is the post-GRPO policy, frozen for the phase (distill.py). torchrun
+--nproc_per_node=N evolve.py ...: each process takes a shard of every batch of questions, training equals one
+process's on all of them (parallel.py).
 
 Precision: the trainable policy keeps fp32 weights (updates of 1e-5 vanish in bf16); rollouts run on the actor, a
 copy re-synced after every update. Where bf16 is fast (GPUs, CPUs with AMX or AVX-512 BF16) the actor is bf16 and
-training runs under bf16 autocast; elsewhere both stay fp32 (model.bf16_is_faster).
+training runs under bf16 autocast; elsewhere both stay fp32 (model.bf16_is_faster). The GRPO reference and the
+distillation teacher are fp32 copies run under the policy's autocast: one precision for every KL and log-ratio.
 """
 import copy
 import ctypes
@@ -39,10 +43,10 @@ from distill import DistillConfig, distill
 from eval import by_hop, evaluate, summarize
 from grpo import GRPOConfig, grpo_step
 from metrics import exact_match
-from model import EMBEDDED, load_policy, pick_device_dtype
+from model import EMBEDDED, load_policy, machine, pick_device_dtype
 from rollout import RolloutConfig, Trajectory, rollout
 from search import RetrieverError, get_retriever
-from train import TrainingError, count_bad_steps, load_optimizer, make_optimizer
+from train import TrainingError, count_bad_steps, frozen_copy, load_optimizer, make_optimizer
 from warmup import warm_up
 
 @dataclass
@@ -58,25 +62,26 @@ class Config:
     on_search_error: str = "observe"  # observe: the turn reads "Search failed: ..." | stop: the run stops
     max_bad_steps: int = 3        # stop after this many optimizer steps in a row skipped for a non-finite loss
     checkpointing: bool = True    # recompute activations in backward: training's peak -1.2 GB, +35% its time
-    lr_warmup_steps: int = 5      # linear lr ramp over the run's first optimizer steps (train.set_lr)
+    lr_warmup_steps: int = 5      # the warm-up's linear lr ramp (GRPO and distillation have none: one lr for all)
     # warm-up
     warmup: str = "auto"          # auto (when the probe's reward is 0) | on | off
     warmup_questions: int = 96
     warmup_lr: float = 2e-4
     # rounds
     rounds: int = 3
-    grpo_steps: int = 1           # GRPO steps per round (0 = self-distillation only)
+    grpo_steps: int = 1           # GRPO optimizer steps per round, each on its own rollouts (0 = distillation only)
     grpo_questions: int = 16      # questions per GRPO step
     group_size: int = 4           # G: Search-R1 / Search-E1 use 5; 4 keeps a CPU round short
     grpo_lr: float = 2e-5         # the paper's 1e-6 is for 3B; a 135M model on a few steps needs more
     kl_coef: float = 0.001
     distill: str = "opsd"         # opsd (paper) | sft (kept traces) | none (GRPO only)
     distill_questions: int = 24   # training questions rolled out for self-distillation per round
-    distill_lr: float = 3e-5
+    distill_steps: int = 3        # its optimizer steps per round, the rows split evenly (a fixed budget)
+    distill_lr: float = 2e-5      # = grpo_lr: every variant's steps at one lr (this project's choice, not tuned)
     distill_loss: str = "kl"      # kl (the paper's full-vocabulary forward KL) | top1_ce (distill.py)
     kl_clip: float = 0.0          # per-entry clip of the KL's terms; 0 = off
     sibling_rule: str = "efficient"   # efficient | shortest | searched (distill.py)
-    student_rule: str = "all"     # all | most_different
+    student_rule: str = "less_efficient"  # less_efficient | all | most_different (distill.py)
     teacher_shows: str = "queries"    # queries | full | none (the no-hint control)
     # rollouts and evaluation
     max_turns: int = 4
@@ -93,7 +98,7 @@ class Config:
 
 CHOICES = {"distill": ("opsd", "sft", "none"), "warmup": ("auto", "on", "off"), "distill_loss": ("kl", "top1_ce"),
            "on_search_error": ("observe", "stop"), "sibling_rule": ("efficient", "shortest", "searched"),
-           "student_rule": ("all", "most_different"), "teacher_shows": ("queries", "full", "none")}
+           "student_rule": ("less_efficient", "all", "most_different"), "teacher_shows": ("queries", "full", "none")}
 
 
 def parse_config(argv: list[str]) -> Config:
@@ -160,6 +165,20 @@ def evaluate_round(cfg, actor, tok, dev, test, retriever) -> dict:
                                                                      m_test["gen_tokens_per_q"] * m_test["n"])}
 
 
+def make_optimizers(policy) -> dict:
+    """One AdamW per trainer (train.py): GRPO's as Search-R1's (decay 0.01), distillation's without decay (above)."""
+    return {"grpo": make_optimizer(policy), "distill": make_optimizer(policy, weight_decay=0.0)}
+
+
+def round_questions(train: list[dict], cursor: int, r: int, cfg: Config) -> tuple[list[list[dict]], list[dict]]:
+    """Round r's training questions: one list per GRPO step, then the distillation phase's, all disjoint; each
+    round takes the next round_questions of the fixed order (after the warm-up's [:cursor]), wrapping around."""
+    n = cfg.grpo_steps * cfg.grpo_questions + cfg.distill_questions
+    pool = [train[(cursor + (r - 1) * n + i) % len(train)] for i in range(n)]
+    g = cfg.grpo_questions
+    return [pool[s * g:(s + 1) * g] for s in range(cfg.grpo_steps)], pool[cfg.grpo_steps * g:]
+
+
 def release_freed_memory():
     """glibc keeps freed tensors (RSS only grows across rounds); a 1 MB mmap threshold returns big ones (glibc only)."""
     try:
@@ -192,12 +211,17 @@ def main(argv=None):
     policy.train()
     if cfg.checkpointing:         # same gradients (the forward is recomputed exactly); keeps the run under 6 GB
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    opt = make_optimizer(policy)
-    if done and (out / f"round_{start}" / "optimizer.safetensors").exists():
-        load_optimizer(opt, policy, out / f"round_{start}" / "optimizer.safetensors")
+    opts = make_optimizers(policy)
+    for name, opt in opts.items():
+        if done:
+            load_optimizer(opt, policy, out / f"round_{start}" / f"optimizer_{name}.safetensors")
     bad = 0  # optimizer steps skipped in a row (train.count_bad_steps)
     actor = copy.deepcopy(policy).to(pick_device_dtype(cfg.device or None, cfg.rollout_dtype)[1]).eval()
     bf16 = actor.dtype == torch.bfloat16  # where bf16 is slow (CPUs with AVX2 only), training stays fp32 too
+    where = {"machine": machine(cfg.device or None), "precision": f"actor {str(actor.dtype).removeprefix('torch.')}"
+             f", training fp32{' under bf16 autocast' if bf16 else ''}", "budget": {
+                 k: getattr(cfg, k) for k in ("grpo_steps", "grpo_questions", "distill", "distill_questions",
+                                              "distill_steps", "group_size", "grpo_lr", "distill_lr")}}
     print(f"rollouts in {actor.dtype} on {actor.device}; training in fp32{' under bf16 autocast' if bf16 else ''}")
     sync = lambda: actor.load_state_dict(policy.state_dict())
 
@@ -210,10 +234,11 @@ def main(argv=None):
             warm = cfg.warmup == "on" or (cfg.warmup == "auto" and probe_reward == 0)
             print(f"probe reward {probe_reward:.3f} on 8 training questions -> warm-up {'on' if warm else 'off'}")
             n_warm = 0
-            if warm:
-                stats = warm_up(policy, tok, opt, parallel.shard(train[:cfg.warmup_questions]), retriever,
-                                rollout_cfg(cfg), DistillConfig(method="sft", lr=cfg.warmup_lr, per_question_cap=1,
-                                warmup_steps=cfg.lr_warmup_steps, autocast_bf16=bf16, seed=cfg.seed))
+            if warm:          # its own AdamW, dropped after it: the rounds' optimizers start fresh
+                stats = warm_up(policy, tok, make_optimizer(policy), parallel.shard(train[:cfg.warmup_questions]),
+                                retriever, rollout_cfg(cfg), DistillConfig(
+                                    method="sft", lr=cfg.warmup_lr, per_question_cap=1, temperature=cfg.temperature,
+                                    warmup_steps=cfg.lr_warmup_steps, autocast_bf16=bf16, seed=cfg.seed))
                 n_warm = int(parallel.all_sum(stats["n_kept"]))
                 bad = count_bad_steps(bad, stats, cfg.max_bad_steps, "warm-up")
                 print(f"warm-up: cloned {n_warm} scripted traces, loss {stats['loss']:.3f}")
@@ -221,49 +246,49 @@ def main(argv=None):
         with phase(m, "eval"):
             m.update(evaluate_round(cfg, actor, tok, dev, test, retriever))
         metrics = {"round": 0, **m, "reward_mean": probe_reward, "kept": n_warm, "warmup": warm,
-                   "seconds": round(time.time() - t0, 1)}
-        if rank == 0: save_round(policy, opt, tok, out, 0, metrics)  # noqa: E701
+                   "seconds": round(time.time() - t0, 1), **where}
+        if rank == 0: save_round(policy, opts, tok, out, 0, metrics)  # noqa: E701
         print("round 0:", json.dumps(metrics))
         start = 0
 
-    # the frozen reference is round_0 (post-warm-up) in the actor's dtype, also when resuming from a later round
-    ref = None if cfg.kl_coef == 0 or cfg.grpo_steps == 0 else copy.deepcopy(actor) if fresh is None else \
-        load_policy(str(out / "round_0"), cfg.device or None, "float32")[0].to(actor.dtype).eval()
-    per_round = cfg.grpo_steps * cfg.grpo_questions + cfg.distill_questions
-    gcfg = GRPOConfig(lr=cfg.grpo_lr, warmup_steps=cfg.lr_warmup_steps, kl_coef=cfg.kl_coef,
-                      temperature=cfg.temperature, autocast_bf16=bf16)
+    # the frozen reference is round_0 (post-warm-up), fp32 like the policy, also when resuming from a later round
+    ref = None if cfg.kl_coef == 0 or cfg.grpo_steps == 0 else frozen_copy(policy) if fresh is None else \
+        frozen_copy(load_policy(str(out / "round_0"), cfg.device or None, "float32")[0])
+    gcfg = GRPOConfig(lr=cfg.grpo_lr, kl_coef=cfg.kl_coef, temperature=cfg.temperature, autocast_bf16=bf16)
     dcfg = DistillConfig(method=cfg.distill, loss=cfg.distill_loss, kl_clip=cfg.kl_clip, lr=cfg.distill_lr,
-                         warmup_steps=cfg.lr_warmup_steps, sibling_rule=cfg.sibling_rule,
+                         temperature=cfg.temperature, steps=cfg.distill_steps, sibling_rule=cfg.sibling_rule,
                          student_rule=cfg.student_rule, teacher_shows=cfg.teacher_shows, autocast_bf16=bf16)
     for r in range(start + 1, cfg.rounds + 1):
         t0, m = time.time(), {}
         torch.manual_seed(cfg.seed * 1000 + r)
-        pool = [train[(cursor + (r - 1) * per_round + i) % len(train)] for i in range(per_round)]  # wraps around
+        grpo_qs, distill_qs = round_questions(train, cursor, r, cfg)
         # 1) vanilla GRPO
-        g_rewards, zero_groups = [], 0
-        for s in range(cfg.grpo_steps):
-            qs = parallel.shard(pool[s * cfg.grpo_questions:(s + 1) * cfg.grpo_questions])
-            trajs = sample_trajectories(cfg, actor, tok, qs, retriever, cfg.seed + 100 * r + s, f"r{r} grpo {s + 1}",
-                                        m, "rollout_grpo")
+        g_rewards, g_kl, zero_groups, steps = [], [], 0, 0
+        for s, qs in enumerate(grpo_qs):
+            trajs = sample_trajectories(cfg, actor, tok, parallel.shard(qs), retriever, cfg.seed + 100 * r + s,
+                                        f"r{r} grpo {s + 1}", m, "rollout_grpo")
             g_rewards.append(reward(trajs, gold))
             crash_point(f"rollouts:{r}")
             with phase(m, "train_grpo"):
-                stats = grpo_step(policy, ref, opt, trajs, dataclasses.replace(gcfg, seed=cfg.seed + r),
+                stats = grpo_step(policy, ref, opts["grpo"], trajs, dataclasses.replace(gcfg, seed=cfg.seed + r),
                                   tok.pad_token_id)
                 bad = count_bad_steps(bad, stats, cfg.max_bad_steps, f"round {r} grpo step {s + 1}")
                 zero_groups += int(parallel.all_sum(stats["n_zero_groups"]))
+                g_kl.append(stats["kl"])
+                steps += stats["steps"]
                 sync()
-        # 2) the policy rolls out on its own training questions, then self-distils from the frozen post-GRPO actor
-        qs = parallel.shard(pool[cfg.grpo_steps * cfg.grpo_questions:])
+        # 2) the policy rolls out on its own training questions, then self-distils from its frozen post-GRPO self
+        qs = parallel.shard(distill_qs)
         kept, d_reward, diag = 0, float("nan"), {}
         if cfg.distill != "none" and parallel.all_sum(len(qs)):
             trajs = sample_trajectories(cfg, actor, tok, qs, retriever, cfg.seed + 100 * r + 99, f"r{r} rollouts",
                                         m, "rollout_distill")
             d_reward = reward(trajs, gold)
             with phase(m, "train_distill"):
-                dstats = distill(policy, tok, trajs, dataclasses.replace(dcfg, seed=cfg.seed + r), opt, teacher=actor)
+                dstats = distill(policy, tok, trajs, dataclasses.replace(dcfg, seed=cfg.seed + r), opts["distill"])
                 kept = int(parallel.all_sum(dstats["n_pairs"] or dstats["n_kept"]))
                 bad = count_bad_steps(bad, dstats, cfg.max_bad_steps, f"round {r} distill")
+                steps += dstats["steps"]
                 sync()
             diag = {k: dstats[k] for k in ("format_valid", "kl_before", "disagree_rate", "kl_think", "kl_query",
                                            "kl_answer", "kl_tag") if k in dstats}
@@ -275,9 +300,10 @@ def main(argv=None):
             m.update(evaluate_round(cfg, actor, tok, dev, test if r == cfg.rounds else [], retriever))
         all_rewards = g_rewards + ([d_reward] if d_reward == d_reward else [])
         metrics = {"round": r, **m, "reward_mean": sum(all_rewards) / max(len(all_rewards), 1),
-                   "grpo_reward": g_rewards, "zero_adv_groups": zero_groups, "distill_reward": d_reward,
-                   "kept": kept, **diag, "seconds": round(time.time() - t0, 1)}
-        if rank == 0: save_round(policy, opt, tok, out, r, metrics)  # noqa: E701
+                   "grpo_reward": g_rewards, "grpo_kl": g_kl, "zero_adv_groups": zero_groups,
+                   "distill_reward": d_reward, "kept": kept, "optimizer_steps": steps, **diag,
+                   "seconds": round(time.time() - t0, 1), **where}
+        if rank == 0: save_round(policy, opts, tok, out, r, metrics)  # noqa: E701
         print(f"round {r}: dev EM {metrics['dev_em']:.3f} (2-hop {metrics['dev_hop2_em']:.3f}) reward "
               f"{metrics['reward_mean']:.3f} kept {kept} searches/q {metrics['searches_per_q']:.2f} "
               f"({metrics['seconds']:.0f} s)")

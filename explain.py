@@ -7,7 +7,7 @@ settings (temperature 1), rewarded by exact match; the sibling (distill.select_s
 teacher reads, hint marked. Then, on the first student's own tokens, the per-token KL(teacher || student) that
 distill.opsd_loss sums, token by token in colour, <information> greyed (masked: not trained); both top-5s where
 the KL is largest; one summary line over all the question's pairs. The numbers are distill.py's (opsd_pairs,
-pair_logits, forward_kl), the teacher a frozen copy: evolve's actor. Question: the first in evolve's shuffled order
+pair_logits, forward_kl), the teacher a frozen fp32 copy, as in training. Question: the first in evolve's shuffled order
 (seed 0), from where its rounds draw (after the warm-up's quarter), with a correct rollout (BATCH at a time, at
 most --tries). Model: --model, else the latest runs/evolve/round_*, else the embedded SmolLM2, almost never right
 before the warm-up: then it says so and exits with status 1.
@@ -29,6 +29,7 @@ from metrics import exact_match
 from model import EMBEDDED, ROOT, load_policy, pick_device_dtype
 from rollout import rollout
 from search import get_retriever
+from train import frozen_copy
 
 BATCH = 4  # questions rolled out together (G rows each): continuous batching keeps the rows busy
 RULE_WHY = {"efficient": "fewest searches, then fewest tokens, then the first", "searched": "'efficient' among "
@@ -52,7 +53,7 @@ def analyse(policy, teacher, tok, group: list, cfg: DistillConfig) -> dict | Non
         return None
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with torch.no_grad():  # the same logits opsd_loss computes; no backward here
-        t_logits, s_logits, mask = pair_logits(policy, teacher, pairs, pad, cfg.autocast_bf16)
+        t_logits, s_logits, mask = pair_logits(policy, teacher, pairs, pad, cfg.autocast_bf16, cfg.temperature)
         kl = forward_kl(t_logits, s_logits, cfg.kl_clip)
     n0 = int(mask[0].sum())  # rows are (pair, position) in order: the first pair's trained tokens come first
     return dict(pairs=pairs, n_pairs=len(pairs), n_tokens=len(kl), mean_kl=kl.mean().item(),
@@ -69,7 +70,7 @@ def report(tok, group: list, res: dict, cfg: DistillConfig) -> list[tuple]:
     """The explanation as (text, kind, kl) pieces. kind: "" plain, "hint", "masked" (not trained), "tok" (a
     trained token with its KL), "key" (the colour scale)."""
     first, sib = res["pairs"][0], res["pairs"][0].sibling
-    students = select_students(group, sib, cfg.student_rule)
+    students = select_students(group, sib, cfg.student_rule, cfg.sibling_rule)
     out = [(f"question {sib.qid}: {sib.question}\n\n{len(group)} rollouts, exact-match reward:\n", "", 0.0)]
     for i, t in enumerate(group):
         role = (f"<- sibling ({cfg.sibling_rule}: {RULE_WHY[cfg.sibling_rule]})" if t is sib else
@@ -158,10 +159,11 @@ def main(argv=None) -> int:
           else f"model: {EMBEDDED} (embedded, not warmed up: no runs/evolve/round_*)")
     ensure_all()
     policy, tok = load_policy(str(path or EMBEDDED), dtype="float32")
-    teacher = copy.deepcopy(policy).to(pick_device_dtype(None, cfg.rollout_dtype)[1]).eval()  # evolve's actor
+    actor = copy.deepcopy(policy).to(pick_device_dtype(None, cfg.rollout_dtype)[1]).eval()  # evolve's rollouts
+    teacher = frozen_copy(policy)                                                         # and its teacher
     dcfg = DistillConfig(loss=cfg.distill_loss, kl_clip=cfg.kl_clip, sibling_rule=cfg.sibling_rule,  # evolve's:
                          student_rule=cfg.student_rule, teacher_shows=cfg.teacher_shows,  # bf16 autocast
-                         autocast_bf16=teacher.dtype == torch.bfloat16)                    # iff a bf16 actor
+                         temperature=cfg.temperature, autocast_bf16=actor.dtype == torch.bfloat16)  # iff a bf16 actor
     retriever, train = get_retriever(), load_qa(QUESTIONS_DIR / "train.jsonl")
     gold = {q["id"]: q["golden_answers"] for q in train}
     if args.question:
@@ -172,7 +174,7 @@ def main(argv=None) -> int:
         order, cursor = training_order(train, cfg.balance_kinds)  # evolve.py's order
         qs = order[cursor:][:args.tries]
     for lo in range(0, len(qs), BATCH):
-        trajs = rollout(teacher, tok, qs[lo:lo + BATCH], retriever,
+        trajs = rollout(actor, tok, qs[lo:lo + BATCH], retriever,
                         rollout_cfg(cfg, group_size=cfg.group_size, seed=args.seed))
         for t in trajs:
             t.reward = exact_match(t.answer, gold[t.qid])

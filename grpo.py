@@ -9,12 +9,14 @@ From the paper / Search-R1 (verl): clip 0.2, KL to a frozen reference with coeff
 "low_var_kl" (the k3 estimator of KL(policy || ref), clamped to [-10, 10]), group std as torch.std (unbiased,
 n-1), token-mean loss aggregation, gradient clipping at 1.0; log-probs at the sampling temperature (verl
 divides the logits by it), so the gradient belongs to the policy that sampled.
-This project's choices: the token-mean is exact over each optimizer mini-batch (verl averages per-micro-batch
-means); groups whose rewards are all equal are skipped before any forward pass; bf16 autocast.
+As verl: every trajectory of the batch is in the loss and its token-mean, those of groups whose rewards are all
+equal too (their advantage is 0, so they carry only the KL term). This project's choices: the token-mean is
+exact over each optimizer mini-batch (verl averages per-micro-batch means); a row with advantage 0 is not
+forwarded when there is no KL term (its loss is exactly 0); the reference runs in the policy's precision (fp32
+weights under the same bf16 autocast: train.frozen_copy), so at equal weights the KL is exactly 0.
 At the defaults (one epoch, one mini-batch) the old log-probs are the current ones detached: the ratio is 1,
 PPO-clip never acts, and the step is REINFORCE with a group-normalised baseline (plus the KL term).
 """
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -80,56 +82,58 @@ def logprobs(model, rows, pad_id, cfg: GRPOConfig):
 
 
 def grpo_step(policy, ref, optimizer, trajs: list, cfg: GRPOConfig, pad_id: int) -> dict:
-    """One GRPO update on a batch of trajectories, grouped G consecutive per question (same qid), t.reward set."""
-    groups = [list(g) for _, g in itertools.groupby(range(len(trajs)), key=lambda i: trajs[i].qid)]
-    adv, active, n_zero = torch.zeros(len(trajs)), [], 0
-    for g in groups:
+    """One GRPO update on a batch of trajectories, G per question (same qid, in any order), t.reward set."""
+    groups = {}
+    for i, t in enumerate(trajs):
+        groups.setdefault(t.qid, []).append(i)
+    adv, active, n_zero = torch.zeros(len(trajs)), set(), 0
+    for g in groups.values():
         r = torch.tensor([[float(trajs[i].reward) for i in g]])
         adv[g] = group_advantages(r, cfg.adv_eps)[0]
         if bool((r == r[0, 0]).all()):
-            n_zero += 1                 # all right or all wrong: nothing to learn from this group
+            n_zero += 1                 # all right or all wrong: no policy-gradient signal, only the KL term
         else:
-            active += g
+            active.update(g)
+    use_kl = ref is not None and cfg.kl_coef > 0
+    forwarded = {i for i in range(len(trajs)) if use_kl or i in active}  # the rest has a loss of exactly 0
     rewards = [float(t.reward) for t in trajs]
-    n_tok = [sum(split(trajs[i])[2]) for i in active]
+    n_tok = [sum(split(t)[2]) for t in trajs]  # the token-mean is over every trajectory of the batch (verl)
     stats = dict(loss=0.0, kl=0.0, clip_frac=0.0, n_groups=len(groups), n_zero_groups=n_zero,
-                 reward_mean=sum(rewards) / max(len(rewards), 1), n_trained=len(active), tokens=sum(n_tok),
-                 steps=0, n_skipped=0, skipped=False, grad_norm=0.0)
-    n_active = all_sum(len(active))  # over every process: all of them step, or none
-    if not n_active:
-        return stats
-    rows = [trajs[i] for i in active]
-    mb_size = cfg.minibatch or n_active
-
-    @torch.no_grad()
-    def frozen(model):              # per-row log-probs taken before any update
-        out = {}
-        for micro in chunks(range(len(rows)), cfg.micro_batch):
-            lp, _ = logprobs(model, [rows[i] for i in micro], pad_id, cfg)
-            out.update({i: lp[k] for k, i in enumerate(micro)})
-        return out
-
-    def stack(d, micro, like):      # frozen per-row log-probs padded or cut to like's width (0 off the mask)
-        return torch.stack([torch.nn.functional.pad(d[i], (0, like.shape[1] - len(d[i]))) for i in micro])
-
-    ref_lp = frozen(ref) if ref is not None and cfg.kl_coef > 0 else None
-    old_lp = frozen(policy) if cfg.ppo_epochs > 1 or mb_size < n_active else None
+                 reward_mean=sum(rewards) / max(len(rewards), 1), n_trained=len(active),
+                 tokens=sum(n_tok[i] for i in forwarded), steps=0, n_skipped=0, skipped=False, grad_norm=0.0)
+    if not all_sum(len(forwarded)):  # over every process: all of them step, or none
+        return stats                 # no gradient at all: a step would only replay Adam's momentum
+    mb_size = cfg.minibatch or int(all_sum(len(trajs)))
+    old_lp = None
+    if cfg.ppo_epochs > 1 or mb_size < all_sum(len(trajs)):
+        with torch.no_grad():       # per-row log-probs taken before any update
+            old_lp = {}
+            for micro in chunks(sorted(forwarded), cfg.micro_batch):
+                lp, _ = logprobs(policy, [trajs[i] for i in micro], pad_id, cfg)
+                old_lp.update({i: lp[k] for k, i in enumerate(micro)})
     sums = dict(kl=0.0, clip=0.0, tok=0.0)
 
     def loss_fn(micro):
-        lp, mask = logprobs(policy, [rows[i] for i in micro], pad_id, cfg)
-        ref = stack(ref_lp, micro, lp) if ref_lp is not None else None
-        old = lp.detach() if old_lp is None else stack(old_lp, micro, lp)
-        a = adv[[active[i] for i in micro]].to(lp.device)[:, None]
-        per_tok, clipped = grpo_token_loss(lp, old, a, cfg.clip_eps, ref, cfg.kl_coef)
-        if ref is not None:
-            sums["kl"] += float((k3(lp.detach(), ref) * mask).sum())
+        micro = [i for i in micro if i in forwarded]
+        if not micro:
+            return torch.zeros((), requires_grad=True)
+        rows = [trajs[i] for i in micro]
+        lp, mask = logprobs(policy, rows, pad_id, cfg)
+        ref_lp = None
+        if use_kl:                  # the same packed rows as the policy's: same shapes, same kernels
+            with torch.no_grad():
+                ref_lp, _ = logprobs(ref, rows, pad_id, cfg)
+            sums["kl"] += float((k3(lp.detach(), ref_lp) * mask).sum())
+        old = lp.detach() if old_lp is None else torch.stack(
+            [torch.nn.functional.pad(old_lp[i], (0, lp.shape[1] - len(old_lp[i]))) for i in micro])
+        a = adv[micro].to(lp.device)[:, None]
+        per_tok, clipped = grpo_token_loss(lp, old, a, cfg.clip_eps, ref_lp, cfg.kl_coef)
         sums["clip"] += float((clipped.float() * mask).sum())
         sums["tok"] += float(mask.sum())
         return (per_tok * mask).sum()
 
-    length = [len(r.token_ids) - r.prompt_len for r in rows]
-    t = train(policy, optimizer, len(rows), loss_fn, n_tok, length, cfg.lr, mb_size, cfg.micro_batch,
+    length = [len(t.token_ids) - t.prompt_len for t in trajs]
+    t = train(policy, optimizer, len(trajs), loss_fn, n_tok, length, cfg.lr, mb_size, cfg.micro_batch,
               cfg.max_grad_norm, cfg.ppo_epochs, cfg.warmup_steps, cfg.seed, desc="grpo", progress=False)
     stats.update(loss=t["loss"] if t["steps"] else float("nan"), steps=t["steps"], n_skipped=t["n_skipped"],
                  skipped=t["n_skipped"] > 0, grad_norm=t["grad_norm"], kl=sums["kl"] / max(sums["tok"], 1),

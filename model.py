@@ -47,6 +47,23 @@ def bf16_is_faster(device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def machine(device=None) -> dict:
+    """What a run's numbers depend on beyond the code: the processor (its name, and whether it has bf16 dot
+    products: AVX-512 BF16, AMX) or the GPU. Runs on different classes round differently (docs/experiments.md)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        return {"device": torch.cuda.get_device_name(dev), "class": "cuda"}
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    isa = next((k for k, f in (("amx", "amx_bf16"), ("avx512_bf16", "avx512_bf16"), ("avx512", "avx512f"),
+                               ("avx2", "avx2")) if f in flags), "other")
+    return {"device": name, "class": f"cpu-{isa}"}
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """GGUF -> safetensors HF folder. transformers dequantises the GGUF to fp32 but refuses to
     save_pretrained a GGUF-loaded model, so we rebuild a plain model from its config and copy the weights."""

@@ -50,10 +50,10 @@ def sum_grads(model):
             dist.all_reduce(p.grad)
 
 
-def batches(order: list, batch_size: int) -> list[list]:
-    """This process's rows in optimizer batches: ceil(global rows / batch_size) of them on every process,
+def batches(order: list, batch_size: int = 0, n: int = 0) -> list[list]:
+    """This process's rows in optimizer batches: n of them (or ceil(global rows / batch_size)) on every process,
     so steps stay in lockstep; the local rows are split evenly (a process may get empty batches)."""
-    n = math.ceil(all_sum(len(order)) / max(batch_size, 1))
+    n = n or math.ceil(all_sum(len(order)) / max(batch_size, 1))
     return [order[i * len(order) // n:(i + 1) * len(order) // n] for i in range(n)]
 
 

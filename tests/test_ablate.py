@@ -18,16 +18,39 @@ KEYS = ("variant", "seed", "dev_em", "test_em", "hop2_em", "hop2_searches_per_q"
 
 
 @pytest.mark.parametrize("argv", [[], TINY_RUN])
-def test_variants_share_the_question_budget_of_the_default_split(argv):
+def test_variants_share_one_budget_questions_rollouts_steps_and_lr(argv):
+    """Every variant takes the default's questions each round (the same ones: evolve.round_questions), G rollouts
+    of each, as many optimizer steps and one lr."""
     cfg = evolve.parse_config(argv)
-    per_round = cfg.grpo_steps * cfg.grpo_questions + cfg.distill_questions
+    train = [{"id": str(i)} for i in range(1000)]
+    questions = lambda c, r: [q["id"] for qs in evolve.round_questions(train, 100, r, c)[0] for q in qs] + \
+        [q["id"] for q in evolve.round_questions(train, 100, r, c)[1] if c.distill != "none"]
+    steps = lambda c: c.grpo_steps + (c.distill_steps if c.distill != "none" else 0)
     table = ablate.variants(cfg)
     assert list(table) == ["grpo", "grpo+opsd", "grpo+opsd-nohint", "grpo+sft", "opsd", "sft"]
     for name, extra in table.items():
         v = evolve.parse_config([*argv, *extra])
-        assert v.grpo_steps * v.grpo_questions + (v.distill_questions if v.distill != "none" else 0) >= per_round
-        assert v.grpo_steps * v.grpo_questions + v.distill_questions <= per_round + v.grpo_steps, name
+        for r in (1, 2, 3):
+            assert sorted(questions(v, r)) == sorted(questions(cfg, r)), (name, r)
+        assert (steps(v), v.group_size, v.grpo_lr, v.distill_lr) == (steps(cfg), cfg.group_size, cfg.grpo_lr,
+                                                                    cfg.distill_lr), name
     assert evolve.parse_config(table["grpo+opsd-nohint"]).teacher_shows == "none"
+    with pytest.raises(SystemExit, match="split evenly"):
+        ablate.variants(evolve.parse_config([*argv, "--distill_steps=2"]))  # 40 questions into 3 GRPO steps
+    with pytest.raises(SystemExit, match="--grpo_lr must equal --distill_lr"):
+        ablate.variants(evolve.parse_config([*argv, "--distill_lr=1e-4"]))
+
+
+def test_round_questions_are_disjoint_within_and_across_rounds():
+    cfg = evolve.parse_config([])
+    train = [{"id": str(i)} for i in range(1000)]
+    seen = []
+    for r in (1, 2, 3):
+        grpo, dist = evolve.round_questions(train, 250, r, cfg)
+        ids = [q["id"] for qs in grpo for q in qs] + [q["id"] for q in dist]
+        assert len(ids) == len(set(ids)) == 40 and len(dist) == 24
+        seen += ids
+    assert len(set(seen)) == 120 and min(int(i) for i in seen) == 250  # after the warm-up's share
 
 
 def test_paired_bootstrap_collapses_on_equal_gains_and_centres_on_the_mean():

@@ -113,15 +113,57 @@ def test_at_the_start_of_a_phase_the_kl_is_zero_without_a_hint_and_positive_with
     assert abs(kl["none"]) <= 1e-6 and kl["queries"] > 1e-3
 
 
-def test_the_teacher_is_frozen_for_the_whole_phase(tok, peaked):
-    """Three epochs of steps move the student; the teacher's logits on the same pairs stay the same."""
-    policy, teacher = copy.deepcopy(peaked), copy.deepcopy(peaked)
+def test_the_teacher_is_the_policy_as_the_phase_found_it_frozen_for_the_whole_phase(tok, peaked, monkeypatch):
+    """Every batch's teacher holds the weights the policy had when distill() was called, while the policy moves."""
+    import distill as D
+    policy = copy.deepcopy(peaked).train()
+    start = [p.detach().clone() for p in policy.parameters()]
+    seen = []
+    real = D.pair_logits
+
+    def spy(pol, teacher, *a, **k):
+        seen.append((teacher is pol, [p.detach().clone() for p in teacher.parameters()],
+                     [p.detach().clone() for p in pol.parameters()]))
+        return real(pol, teacher, *a, **k)
+    monkeypatch.setattr(D, "pair_logits", spy)
+    stats = distill(policy, tok, group(tok), DistillConfig(lr=1e-3, steps=3, micro_batch=8, progress=False))
+    assert stats["steps"] == 3 and len(seen) == 3
+    for is_policy, teacher_w, _ in seen:
+        assert not is_policy and all(torch.equal(a, b) for a, b in zip(teacher_w, start))
+    assert not all(torch.equal(a, b) for a, b in zip(seen[2][2], start))  # the student has moved by batch 3
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_no_hint_control_changes_no_weight_after_a_grpo_step(tok, peaked, bf16):
+    """evolve's optimizers and teacher: a GRPO step (its own AdamW), then a no-hint distillation phase. The
+    teacher is the policy itself in the same precision, so every KL and gradient is 0, and the distillation
+    AdamW (no leftover moments, no decay) moves no weight at all: the control is inert, in fp32 and in bf16."""
+    import evolve
+    from grpo import GRPOConfig, grpo_step
+    policy = copy.deepcopy(peaked).train()
+    opts = evolve.make_optimizers(policy)
+    trajs = group(tok)
+    stats = grpo_step(policy, None, opts["grpo"], trajs, GRPOConfig(lr=1e-3, kl_coef=0, autocast_bf16=bf16),
+                      tok.pad_token_id)
+    assert stats["steps"] == 1 and opts["grpo"].state
+    before = [p.detach().clone() for p in policy.parameters()]
+    cfg = DistillConfig(teacher_shows="none", lr=1e-3, steps=3, autocast_bf16=bf16, progress=False)
+    d = distill(policy, tok, trajs, cfg, opts["distill"])
+    assert d["n_pairs"] == 3 and d["steps"] == 3 and d["kl_before"] == 0.0 and d["losses"] == [0.0] * 3
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def test_both_distributions_are_taken_at_the_sampling_temperature(tok, peaked):
     pairs = opsd_pairs(tok, group(tok), DistillConfig())
-    t_before, s_before, _ = pair_logits(policy, teacher, pairs, tok.pad_token_id)
-    stats = distill(policy, tok, group(tok), DistillConfig(lr=1e-3, epochs=3, progress=False), teacher=teacher)
-    t_after, s_after, _ = pair_logits(policy, teacher, pairs, tok.pad_token_id)
-    assert stats["steps"] == 3
-    assert torch.equal(t_before, t_after) and not torch.equal(s_before, s_after.detach())
+    teacher = copy.deepcopy(peaked)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        t, s, _ = pair_logits(peaked, teacher, pairs, tok.pad_token_id, False)
+        cfg = DistillConfig(temperature=2.0, autocast_bf16=False)
+        loss = opsd_loss(peaked, teacher, pairs, tok.pad_token_id, cfg)
+    torch.testing.assert_close(loss, forward_kl(t / 2, s / 2).sum(), rtol=1e-4, atol=1e-6)
+    assert abs(float(loss - forward_kl(t, s).sum())) > 1e-3 * float(loss)  # not the temperature-1 KL
 
 
 def test_top1_ce_is_cross_entropy_on_the_privileged_teachers_greedy_token(tok, peaked):
@@ -162,10 +204,15 @@ def test_span_labels_mark_queries_and_answers(tok):
 
 def test_student_rules_and_the_searched_sibling_rule(tok):
     g = group(tok)
-    assert select_students(g, g[2], "all") == [g[0], g[1], g[3]]
+    twin = make_traj(tok, "q1", ["france capital"], "Paris", 1.0)  # exactly as efficient as the sibling g[2]
+    assert select_students(g + [twin], g[2]) == [g[0], g[1], g[3]]  # a tie is no student: nothing better to show
+    assert select_students(g + [twin], g[2], "all") == [g[0], g[1], g[3], twin]
     assert select_students(g, g[2], "most_different") == [g[3]]  # the wrong one first
+    assert select_students([g[2], twin], g[2], "most_different") == []
     lucky = make_traj(tok, "q1", [], "Paris", 1.0)  # right without searching
     assert select_sibling(g + [lucky]) is lucky and select_sibling(g + [lucky], "searched") is g[2]
+    assert lucky in select_students(g + [lucky], g[2], sibling_rule="searched")  # a guess is shown the search
+    assert lucky in kept_traces(g + [lucky], cap=10) and lucky not in kept_traces(g + [lucky], 10, "searched")
 
 
 def test_a_few_opsd_steps_lower_the_kl(tok, peaked):

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import evolve
 import model as M
@@ -59,3 +60,76 @@ def test_evolve_runs_end_to_end_saves_rounds_and_resumes(tmp_path, tiny_dir, cap
     assert [r["round"] for r in rows2] == [0, 1, 2]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     assert json.loads((out / "round_2" / "metrics.json").read_text())["round"] == 2
+
+
+def one_right_per_group(trajs, gold):
+    """The tiny random model never earns an exact match, so distillation would have no sibling: these tests hand
+    each question's first rollout the reward, the rest 0 (the reward itself is tested in test_metrics)."""
+    seen = set()
+    for t in trajs:
+        t.reward, _ = float(t.qid not in seen), seen.add(t.qid)
+    return sum(t.reward for t in trajs) / len(trajs)
+
+
+def spy_round(monkeypatch):
+    """Records what one round does: each phase's question ids, the weights after each GRPO step, and around the
+    distillation phase the weights, its stats and the teacher's weights at every batch."""
+    import distill as D
+    log = {"qids": {}, "after_grpo": [], "teacher": []}
+    weights = lambda m: [p.detach().clone() for p in m.parameters()]
+    real_sample, real_grpo, real_distill, real_pair = (evolve.sample_trajectories, evolve.grpo_step, evolve.distill,
+                                                       D.pair_logits)
+
+    def sample(cfg, actor, tok, questions, *a):
+        log["qids"].setdefault(a[-1], []).extend(q["id"] for q in questions)
+        return real_sample(cfg, actor, tok, questions, *a)
+
+    def grpo(policy, *a):
+        out = real_grpo(policy, *a)
+        log["after_grpo"].append(weights(policy))
+        return out
+
+    def distill(policy, *a):
+        log["before"] = weights(policy)
+        log["stats"] = real_distill(policy, *a)
+        log["after"] = weights(policy)
+        return log["stats"]
+
+    def pair_logits(policy, teacher, *a):
+        log["teacher"].append(weights(teacher))
+        return real_pair(policy, teacher, *a)
+    monkeypatch.setattr(evolve, "reward", one_right_per_group)
+    for mod, name, fn in ((evolve, "sample_trajectories", sample), (evolve, "grpo_step", grpo),
+                          (evolve, "distill", distill), (D, "pair_logits", pair_logits)):
+        monkeypatch.setattr(mod, name, fn)
+    return log
+
+
+same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_in_the_loop_the_no_hint_phase_changes_no_weight_and_grpo_starts_at_its_reference(tmp_path, tiny_dir,
+                                                                                          monkeypatch, dtype):
+    """After a GRPO step (its own AdamW, with moments), the no-hint distillation phase takes its steps and moves
+    no weight: no leftover momentum, no decay, teacher and student in one precision. The round's GRPO and
+    distillation questions are disjoint, and the first GRPO step's KL to round 0 is exactly 0."""
+    log = spy_round(monkeypatch)
+    rows = evolve.main([f"--model={tiny_dir}", f"--out_dir={tmp_path}", f"--rollout_dtype={dtype}", *TINY_RUN,
+                        "--teacher_shows=none"])
+    stats = log["stats"]
+    assert stats["n_pairs"] > 0 and stats["steps"] == 3 and stats["kl_before"] == 0.0
+    assert same(log["before"], log["after"]) and same(log["before"], log["after_grpo"][-1])
+    assert rows[1]["optimizer_steps"] == 1 + 3 and rows[1]["grpo_kl"] == [0.0]
+    grpo_ids, distill_ids = log["qids"]["rollout_grpo"], log["qids"]["rollout_distill"]
+    assert len(grpo_ids) == 2 and len(distill_ids) == 2 and not set(grpo_ids) & set(distill_ids)
+
+
+def test_in_the_loop_the_teacher_is_the_post_grpo_policy_frozen_for_the_phase(tmp_path, tiny_dir, monkeypatch):
+    log = spy_round(monkeypatch)
+    evolve.main([f"--model={tiny_dir}", f"--out_dir={tmp_path}", "--rollout_dtype=float32", *TINY_RUN,
+                 "--distill_lr=1e-3"])
+    assert log["stats"]["steps"] == 3 and len(log["teacher"]) == 3
+    assert same(log["before"], log["after_grpo"][-1])                # the policy as GRPO left it ...
+    assert all(same(t, log["before"]) for t in log["teacher"])        # ... is every batch's teacher
+    assert not same(log["after"], log["before"])                      # while the student moves

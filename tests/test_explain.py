@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from distill import SPANS, DistillConfig, forward_kl, opsd_loss, opsd_pairs, pair_logits
+from distill import SPANS, DistillConfig, opsd_loss, opsd_pairs
 from explain import analyse, report, shade, to_html, to_text
 from test_distill import group, make_traj, peaked  # noqa: F401 - peaked is a fixture
 
@@ -31,17 +31,30 @@ def test_reported_numbers_are_opsd_loss_and_its_diagnostics(tok, peaked):
     assert abs(float(m[3]) - 100 * diag["disagree"] / n) <= 0.05
 
 
-def test_per_token_kl_is_forward_kl_of_the_first_pair(tok, peaked):
-    """The shown student is the first of select_students (the sibling is g[2]: g[0]); its KL, computed alone, fp32."""
+def test_per_token_kl_is_the_kl_of_two_plain_forwards_of_the_first_pair(tok, peaked):
+    """The shown student is the first of select_students (the sibling is g[2]: g[0]). Its per-token KL, computed
+    here without distill.py: one unpadded forward of the privileged prompt + the student's response, one of the
+    plain prompt + the same response, the KL of the positions predicting the policy's own tokens."""
     g, cfg = group(tok), DistillConfig(autocast_bf16=False)
-    res = analyse(peaked, peaked, tok, g, cfg)
-    first = opsd_pairs(tok, g, cfg)[:1]
-    assert first[0].student is g[0] and res["pairs"][0].student is g[0]
-    t_logits, s_logits, _ = pair_logits(peaked, peaked, first, tok.pad_token_id, False)
-    kl = forward_kl(t_logits, s_logits.detach())
-    assert len(res["kl"]) == sum(g[0].loss_mask) == len(kl)
-    torch.testing.assert_close(torch.tensor(res["kl"]), kl, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(res["p_teacher"], t_logits.softmax(-1), rtol=1e-4, atol=1e-6)
+    teacher = copy.deepcopy(peaked)
+    with torch.no_grad():
+        for p in teacher.parameters():      # a teacher unlike the student: any misalignment shows up in the KL
+            p.add_(0.02 * torch.randn_like(p))
+    res = analyse(peaked, teacher, tok, g, cfg)
+    student = g[0]
+    assert res["pairs"][0].student is student
+    resp, mask = student.token_ids[student.prompt_len:], torch.tensor(student.loss_mask[student.prompt_len:]).bool()
+
+    def logp(model, prompt):
+        ids = torch.tensor([list(prompt) + resp])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]   # position i predicts response token i
+        return logits[mask].float().log_softmax(-1)
+    t, s = logp(teacher, res["pairs"][0].teacher_prompt), logp(peaked, student.token_ids[:student.prompt_len])
+    kl = (t.exp() * (t - s)).sum(-1)
+    assert len(res["kl"]) == int(mask.sum()) and float(kl.max()) > 1e-3
+    torch.testing.assert_close(torch.tensor(res["kl"]), kl, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(res["p_teacher"], t.exp(), rtol=1e-3, atol=1e-6)
 
 
 def test_html_has_one_span_per_generated_token_and_greys_the_information(tok, peaked):

@@ -9,6 +9,7 @@ import torch
 from grpo import GRPOConfig, group_advantages, grpo_step, grpo_token_loss, k3, logprobs
 from model import pack, response_logits
 from rollout import Trajectory, build_prompt
+from train import frozen_copy
 
 TURN1 = "<think> I need to look it up. </think>\n<search> capital of france </search>"
 OBS = "\n\n<information>Doc 1 (Paris): Paris is the capital of France.</information>\n\n"
@@ -103,11 +104,69 @@ def test_one_step_with_positive_advantage_raises_that_trajectory_logprob(tok, ti
     assert seq_logp(policy, tok, bad) < before[1]
 
 
-def test_k3_kl_is_zero_when_reference_equals_policy(tok, tiny):
-    policy, ref = copy.deepcopy(tiny), copy.deepcopy(tiny)
+def test_k3_averaged_over_the_policys_samples_is_kl_policy_to_reference_not_the_reverse():
+    """E_{x~p}[k3(log p(x), log q(x))] = KL(p || q) exactly (E_p[q/p] = 1), so the expectation over the policy p
+    of the per-token term is the KL verl penalises; with the log-ratio flipped it is neither KL."""
+    p = torch.tensor([0.8, 0.15, 0.05])   # q / p stays below e^2.5: no per-token value reaches the clamp at 10
+    q = torch.tensor([0.2, 0.2, 0.6])
+    expected = (p * (p / q).log()).sum()
+    reverse = (q * (q / p).log()).sum()
+    got = (p * k3(p.log(), q.log())).sum()
+    torch.testing.assert_close(got, expected)
+    assert abs(float(got - reverse)) > 0.1   # the two directions differ by far more than rounding here
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_k3_is_exactly_zero_against_a_frozen_copy_in_the_policys_precision(tok, tiny, bf16):
+    """evolve's reference is train.frozen_copy: fp32 weights under the policy's autocast, so at equal weights the
+    KL is 0 exactly (a bf16 copy would not be), also under bf16 autocast."""
+    policy = copy.deepcopy(tiny).train()
+    ref = frozen_copy(policy)
     opt = torch.optim.SGD(policy.parameters(), lr=0.0)
-    stats = grpo_step(policy, ref, opt, batch(tok, [[1, 0, 0]]), GRPOConfig(lr=1e-3, kl_coef=0.1), tok.pad_token_id)
-    assert abs(stats["kl"]) <= 1e-6 and stats["tokens"] > 0
+    stats = grpo_step(policy, ref, opt, batch(tok, [[1, 0, 0], [1, 1]]),
+                      GRPOConfig(lr=0.0, kl_coef=0.1, autocast_bf16=bf16, micro_batch=2), tok.pad_token_id)
+    assert stats["kl"] == 0.0 and stats["tokens"] > 0 and stats["steps"] == 1
+
+
+def test_groups_are_found_by_question_id_whatever_the_order(tok, tiny):
+    """Interleaved rollouts (q0, q1, q0, q1, ...) form the same groups and take the same step as grouped ones."""
+    grouped = batch(tok, [[1, 0, 0], [0, 1, 1]])
+    interleaved = [grouped[i] for i in (0, 3, 1, 4, 2, 5)]
+    weights, all_stats = [], []
+    for trajs in (grouped, interleaved):
+        policy = copy.deepcopy(tiny)
+        opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+        all_stats.append(grpo_step(policy, None, opt, trajs, GRPOConfig(lr=1.0, kl_coef=0, autocast_bf16=False,
+                                                                        micro_batch=8), tok.pad_token_id))
+        weights.append(torch.cat([p.flatten() for p in policy.parameters()]))
+    for stats in all_stats:
+        assert (stats["n_groups"], stats["n_zero_groups"], stats["n_trained"], stats["steps"]) == (2, 0, 6, 1)
+    torch.testing.assert_close(weights[1], weights[0])
+    assert not torch.equal(weights[0], torch.cat([p.flatten() for p in tiny.parameters()]))
+
+
+def test_all_equal_groups_carry_the_kl_term_and_count_in_the_token_mean(tok, tiny):
+    """As verl: with a KL term, a group whose rewards are all equal is forwarded (for its KL alone) and every
+    trajectory's tokens are in the token-mean; the loss is the hand-computed whole-batch mean."""
+    policy, ref = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    trajs = batch(tok, [[1, 0], [1, 1]])
+    trajs[3].token_ids += trajs[3].token_ids[-4:]; trajs[3].loss_mask += [1] * 4  # more tokens in the equal group
+    cfg = GRPOConfig(lr=0.0, kl_coef=0.5, autocast_bf16=False, micro_batch=8)
+    calls = []
+    policy.get_decoder().register_forward_hook(lambda mod, inp, out: calls.append(out.last_hidden_state.shape[0]))
+    stats = grpo_step(policy, ref, torch.optim.SGD(policy.parameters(), lr=0.0), trajs, cfg, tok.pad_token_id)
+    assert calls == [4] and stats["n_zero_groups"] == 1 and stats["n_trained"] == 2
+    with torch.no_grad():
+        lp, mask = logprobs(policy, trajs, tok.pad_token_id, cfg)
+        ref_lp, _ = logprobs(ref, trajs, tok.pad_token_id, cfg)
+    adv = torch.tensor([0.5, -0.5, 0.0, 0.0])[:, None] / (math.sqrt(0.5) + 1e-6)  # mean 1/2, unbiased std
+    per_tok = -adv + 0.5 * k3(lp, ref_lp)            # ratio 1 at the first step
+    expected = float((per_tok * mask).sum() / mask.sum())
+    assert stats["tokens"] == int(mask.sum()) and stats["kl"] > 0
+    assert stats["loss"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_ppo_epochs_and_minibatches_take_one_step_per_minibatch_and_clip(tok, tiny):
