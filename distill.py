@@ -278,8 +278,8 @@ def distill(policy, tok, trajs: list, cfg: DistillConfig | None = None, optimize
     stats.update(train(policy, optimizer, len(items), loss_fn, n_tok, length, cfg.lr, cfg.batch_size,
                        cfg.micro_batch, cfg.max_grad_norm, cfg.epochs, cfg.warmup_steps, cfg.seed, cfg.method,
                        cfg.progress, cfg.steps))
-    if cfg.method == "opsd":
-        n = max(sum(diag[f"n_{s}"] for s in SPANS), 1)
+    if cfg.method == "opsd" and n_total:   # no pairs, no KL measured: left out (None), not 0
+        n = sum(diag[f"n_{s}"] for s in SPANS)
         stats.update(kl_before=sum(diag[f"kl_{s}"] for s in SPANS) / n, disagree_rate=diag["disagree"] / n,
                      **{f"kl_{s}": diag[f"kl_{s}"] / max(diag[f"n_{s}"], 1) for s in SPANS})
     return stats

@@ -17,11 +17,11 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from data.load import QUESTIONS_DIR, load_qa
+from data.load import QUESTIONS_DIR, SPLITS, load_qa
 from data.prepare import ensure_all
 from data.questions import TWO_HOP_KINDS, contains
 from metrics import exact_match, f1_score
-from model import EMBEDDED, load_policy
+from model import EMBEDDED, OFFLINE, load_policy
 from rollout import RolloutConfig, rollout
 from search import format_docs, get_retriever
 
@@ -154,9 +154,11 @@ def print_kinds(records: dict[str, list[dict]]) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a policy on a FlashRAG-format QA file "
                                             "({id, question, golden_answers} jsonl) in several modes.")
-    p.add_argument("--model", default=EMBEDDED, help="hub id, HF folder (e.g. a round_<r> checkpoint) or 'smollm2'")
-    p.add_argument("--data", default=None, help="QA jsonl path(s) or benchmark name(s), comma-separated: "
-                   f"{','.join(BENCHMARKS)} (fetched from the hub); default: the project's held-out test split")
+    p.add_argument("--model", default=EMBEDDED, help="hub id, HF folder (e.g. a round_<r> checkpoint), or an "
+                   f"offline model's name: {', '.join(OFFLINE)}")
+    p.add_argument("--data", default=None, help="QA jsonl path(s), the generated splits' names (train, dev, test) "
+                   f"or benchmark name(s), comma-separated: {','.join(BENCHMARKS)} (fetched from the hub); "
+                   "default: test, the project's held-out split")
     p.add_argument("--limit", type=int, default=None, help="first N questions only")
     p.add_argument("--modes", default="rule,direct,rag,agent", help="comma list of rule, direct, rag, agent")
     p.add_argument("--corpus", default=None, help="corpus jsonl {id, contents} for local BM25")
@@ -175,10 +177,12 @@ def main(argv=None):
         p.error(f"unknown mode(s) {bad}: choose from rule, direct, rag, agent")
     if args.data is None or (args.corpus is None and args.retriever_url is None):
         ensure_all()
-    names = [d.strip() for d in (args.data or str(QUESTIONS_DIR / "test.jsonl")).split(",") if d.strip()]
+    names = [str(QUESTIONS_DIR / f"{d}.jsonl") if d in SPLITS else d
+             for d in (d.strip() for d in (args.data or "test").split(",")) if d]
     unknown = [n for n in names if n not in BENCHMARKS and not Path(n).exists()]
     if unknown:
-        p.error(f"--data {','.join(unknown)}: no such file, and not a benchmark name ({', '.join(BENCHMARKS)})")
+        p.error(f"--data {','.join(unknown)}: no such file, and not a split ({', '.join(SPLITS)}) or a benchmark "
+                f"name ({', '.join(BENCHMARKS)})")
     try:
         paths = {n: fetch_benchmark(n) if n in BENCHMARKS and not Path(n).exists() else Path(n) for n in names}
     except RuntimeError as e:

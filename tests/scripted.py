@@ -20,12 +20,13 @@ MARGIN = 1e4  # exp(-1e4) is 0 in float32: greedy and sampled decoding both pick
 
 
 class ScriptedLM(torch.nn.Module):
-    def __init__(self, tok, scripts: dict[str, list[str]]):
+    def __init__(self, tok, scripts: dict[str, list[str]], mode: str = "agent"):
         """scripts: question -> the text of each of its turns. A turn should end where rollout.py ends one
-        (</search>, </answer>, or cut by a token budget); after its last turn the model writes end-of-sequence."""
+        (</search>, </answer>, or cut by a token budget); after its last turn the model writes end-of-sequence.
+        mode: the prompt it is scripted for (agent or direct)."""
         super().__init__()
         enc = lambda s: tok(s, add_special_tokens=False).input_ids
-        self.scripts = {tuple(enc(build_prompt(tok, q))): [enc(t) for t in turns] for q, turns in scripts.items()}
+        self.scripts = {tuple(enc(build_prompt(tok, q, mode))): [enc(t) for t in turns] for q, turns in scripts.items()}
         self.vocab, self.eos = len(tok), tok.eos_token_id
         self.register_buffer("here", torch.zeros(0))  # only so that .device works
 

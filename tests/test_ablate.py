@@ -105,6 +105,10 @@ def test_study_shares_round_0_caches_runs_and_tabulates_seeds(tmp_path, tok, mon
     base = (root / "round0" / "round_0" / "model.safetensors").read_bytes()
     for r in rows:
         assert all(k in r for k in KEYS) and r["n_test"] == 6 and r["round"] == (0 if r["seed"] is None else 1)
+        assert r["machine"] == M.machine("cpu") and r["precision"].startswith("actor float32")
+        if r["seed"] is not None:   # one budget; a random model has no correct rollout, so no pair and no KL
+            assert r["budget"]["grpo_lr"] == r["budget"]["distill_lr"] and r["kl_before"] is None
+            assert r["optimizer_steps"] == (4 if r["variant"] == "grpo" else 1)
         if r["seed"] is not None:
             run = ablate.run_dir(root, r["variant"], r["seed"])
             assert (run / "round_0" / "model.safetensors").read_bytes() == base  # one start for every run
@@ -143,3 +147,10 @@ def test_study_shares_round_0_caches_runs_and_tabulates_seeds(tmp_path, tok, mon
     again = ablate.main([a.replace(f"--out_dir={root}", f"--out_dir={kept}") for a in argv] + ["--baselines", "--report"])
     strip = lambda rs: [{k: v for k, v in r.items() if k != "checkpoint"} for r in rs]
     assert strip(again) == strip(rows) and (kept / "ablation.md").read_text() == md_full
+
+    # a study resumes only on the machine class its round 0 was built on (rows of one table: one class)
+    m0 = root / "round0" / "round_0" / "metrics.json"
+    m0.write_text(json.dumps({**json.loads(m0.read_text()), "machine": {"device": "elsewhere", "class": "cpu-other"}}))
+    with pytest.raises(SystemExit, match=r"built on elsewhere \(cpu-other\); this machine is"):
+        ablate.main(argv)
+    ablate.main([*argv, "--report"])   # reading what is finished needs no particular machine

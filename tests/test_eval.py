@@ -121,3 +121,14 @@ def test_cli_prints_em_and_searches_per_kind_and_per_hop_when_questions_have_kin
     assert rows["hop1"] == ["1", "1.000", "1.00"] and rows["hop2"] == ["1", "0.000", "1.00"]
     kinds = [json.loads(line)["kind"] for line in (tmp_path / "run" / "rule.jsonl").read_text().splitlines()]
     assert kinds == ["riddle", "bridge_capital"]
+
+
+def test_the_generated_splits_are_named_by_split(capsys):
+    from data.load import QUESTIONS_DIR
+    results = main(["--data", "dev", "--modes", "rule", "--limit", "5"])
+    assert results["rule"]["n"] == 5
+    dev = load_qa(QUESTIONS_DIR / "dev.jsonl", limit=5)
+    assert f"on {QUESTIONS_DIR / 'dev.jsonl'} (n=5)" in capsys.readouterr().out and dev[0]["id"].startswith("dv")
+    with pytest.raises(SystemExit):
+        main(["--data", "valid", "--modes", "rule"])
+    assert "not a split (train, dev, test)" in capsys.readouterr().err

@@ -20,7 +20,7 @@ def tiny_dir(tmp_path_factory, tok):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (["--nope=1"], "bad argument '--nope=1': use --key=value with a key from:\n  model, out_dir, seed, "),
+    (["--nope=1"], "bad argument '--nope=1': use --key=value with a key from:\n  model, settings, out_dir, "),
     (["rounds=2"], "bad argument 'rounds=2'"),
     (["--rounds=two"], "--rounds needs a int, got 'two'"),
     (["--grpo_lr=fast"], "--grpo_lr needs a float, got 'fast'"),
@@ -133,3 +133,23 @@ def test_in_the_loop_the_teacher_is_the_post_grpo_policy_frozen_for_the_phase(tm
     assert same(log["before"], log["after_grpo"][-1])                # the policy as GRPO left it ...
     assert all(same(t, log["before"]) for t in log["teacher"])        # ... is every batch's teacher
     assert not same(log["after"], log["before"])                      # while the student moves
+
+
+def test_the_model_picks_its_named_settings_and_a_flag_still_wins(tmp_path):
+    from transformers import AutoConfig
+    from config import SETS, size_class
+    qwen = evolve.parse_config(["--model=qwen2.5-coder-0.5b"])
+    assert qwen.settings == "0.5b" and all(getattr(qwen, k) == v for k, v in SETS["0.5b"].items())
+    assert SETS["0.5b"]["warmup_lr"] != evolve.Config.warmup_lr         # not the 135M rate
+    mine = evolve.parse_config(["--model=qwen2.5-coder-0.5b", "--warmup_lr=0.001"])
+    assert mine.warmup_lr == 0.001 and mine.grpo_lr == qwen.grpo_lr
+    assert evolve.parse_config([]).settings == "135m" and evolve.parse_config(["--settings=3b"]).grpo_lr == 1e-6
+    for hidden, layers, expected in ((896, 24, "0.5b"), (2048, 36, "3b"), (576, 30, "135m")):  # by parameter count
+        cfg = AutoConfig.for_model("qwen2", hidden_size=hidden, num_hidden_layers=layers, intermediate_size=4 * hidden,
+                                   num_attention_heads=8, num_key_value_heads=2, vocab_size=151936 if hidden > 576
+                                   else 49152, tie_word_embeddings=hidden != 896)
+        cfg.save_pretrained(tmp_path / expected)
+        assert size_class(str(tmp_path / expected)) == expected
+    assert size_class(str(tmp_path / "nowhere")) == "3b"   # unknown size: the documented large-model set
+    with pytest.raises(SystemExit, match="settings is one of 135m, 0.5b, 3b"):
+        evolve.parse_config(["--settings=7b"])

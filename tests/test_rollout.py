@@ -310,3 +310,18 @@ def test_retriever_http_errors_are_observed_or_stop_the_rollout_as_configured(to
         with pytest.raises(RetrieverError, match="HTTP 400"):
             rollout(scripted, tok, [QUESTION], retriever, dataclasses.replace(cfg, on_search_error="stop"))
     assert state["requests"] == 2
+
+
+def test_the_baselines_take_an_untagged_reply_as_the_answer_the_agent_does_not(tok):
+    """As FlashRAG's generation baselines: a direct (or RAG) reply without <answer> tags is the answer, special
+    tokens stripped; the agent's protocol stays strict."""
+    from eval import evaluate
+    q2 = {"id": "q2", "question": "Who painted the Mona Lisa?", "golden_answers": ["Leonardo da Vinci"]}
+    replies = {QUESTION["question"]: ["Paris"], q2["question"]: ["<answer> Leonardo da Vinci </answer>"]}
+    cfg = RolloutConfig(max_turn_tokens=20, max_total_tokens=60)
+    metrics, records = evaluate(ScriptedLM(tok, replies, "direct"), tok, [QUESTION, q2], ScriptedRetriever(),
+                                "direct", cfg)
+    assert [r["answer"] for r in records] == ["Paris", "Leonardo da Vinci"] and metrics["em"] == 1.0
+    _, records = evaluate(ScriptedLM(tok, {QUESTION["question"]: ["Paris"]}), tok, [QUESTION], ScriptedRetriever(),
+                          "agent", RolloutConfig(max_turns=1, max_turn_tokens=20, max_total_tokens=60))
+    assert records[0]["answer"] is None and records[0]["em"] == 0.0
