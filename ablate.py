@@ -2,34 +2,25 @@
 
     python ablate.py [--variants=a,b] [--seeds=0,1,2] [--baselines] [--report] [--keep=DIR] [--key=value ...]
 
-Every other --key=value goes to evolve.py (e.g. --rounds=1 for a quick study); --out_dir is the study's root
-(default runs/ablation). Every variant spends one budget per round: the same training questions, G rollouts of
-each, the same number of optimizer steps (grpo_steps + distill_steps) at one learning rate; only what a round
-does with them changes. What a variant cannot match is what it is: SFT trains on at most 2 correct trajectories
-a question, self-distillation on every trajectory its sibling outdoes.
+Every other --key=value goes to evolve.py; --out_dir is the study's root (default runs/ablation). Every variant
+spends one budget per round: the same training questions, G rollouts of each, grpo_steps + distill_steps
+optimizer steps at one lr; only what a round does with them changes. What a variant cannot match is what it is:
+SFT trains on at most 2 correct trajectories a question, self-distillation on every one its sibling outdoes.
 
     grpo               GRPO steps only (the same questions and steps, each step on its share of the questions)
     grpo+opsd          evolve.py's default: the paper's loop
     grpo+opsd-nohint   the same loss with no sibling in the teacher's context: is it the privileged information?
     grpo+sft           GRPO, then cross-entropy on the kept (correct) traces instead of self-distillation
-    opsd               self-distillation alone, on the whole budget
-    sft                kept-trace SFT alone, on the whole budget
+    opsd, sft          self-distillation alone, kept-trace SFT alone, on the whole budget
 
-Every (variant, seed) starts from ONE round 0 (the post-warm-up checkpoint, optimizer included), built once at
-seed 0 in <root>/round0/round_0 and copied into <root>/<variant>/seed<k>/; the seed changes sampling and batch
-order (every seed draws the same training questions each round). A run whose final round exists
-is not rerun, a half-finished one resumes (evolve.py does), so a study can span several sittings; --report only
-tabulates what is finished. Each final checkpoint, and round 0, is evaluated once on the whole test split (greedy,
-the rollout dtype of evolve.py), cached per question in its round folder (eval_test.json): 60 dev questions, the
-loop's own monitor, carry about +-6 points of noise. Writes <root>/ablation.json (one row per run, plus round0)
-and <root>/ablation.md: mean +- std over seeds, a paired bootstrap CI of each variant's gain over round 0, and
-test EM per question kind (where the gain comes from).
---baselines adds direct and naive-RAG EM beside the agent's, for round 0 and grpo+opsd, on test and (if present)
-on the answerable part of ../shared/data/efficientqa_dev.jsonl.
---keep=DIR copies every run's small files (metrics, cached evals; no weights) into DIR, laid out as the study:
-`python ablate.py --report --out_dir=DIR` then tabulates the same study again after its checkpoints are gone
-(docs/ablation/ keeps the current code's runs; docs/ablation_cut/ those from before a cut <information> block
-kept its closing tag).
+Every (variant, seed) starts from ONE round 0 (built once at seed 0 in <root>/round0/round_0; a study trains only
+on the machine class it was built on) and draws the same questions each round; the seed changes sampling and batch
+order. A finished run is not rerun, a half-finished one resumes; --report tabulates what is finished. Round 0 and
+each final checkpoint are evaluated once on the whole test split, cached per question (eval_test.json). Writes
+<root>/ablation.json (a row per run: test EM, budget, machine, precision) and <root>/ablation.md (mean +- std over
+seeds, paired bootstrap CIs, EM per question kind). --baselines adds direct and naive-RAG EM for round 0 and
+grpo+opsd, on test and the answerable part of ../shared/data/efficientqa_dev.jsonl (if present). --keep=DIR copies
+the small files (no weights) into DIR, which --report --out_dir=DIR tabulates again (docs/ablation/).
 """
 import json
 import os
@@ -74,14 +65,21 @@ def run_dir(root: Path, name: str, seed: int) -> Path:
     return root / name.replace("+", "_") / f"seed{seed}"
 
 
-def build_round0(root: Path, passed: list[str]) -> Path:
-    """The shared start: evolve.py's round 0 (warm-up + its eval) at seed 0, built once."""
+def build_round0(root: Path, passed: list[str], cfg: evolve.Config, report: bool) -> Path:
+    """The shared start: evolve.py's round 0 (warm-up + its eval) at seed 0, built once (not by --report). A study
+    trains on only the machine class its round 0 was built on: rows of one table come from one class."""
     r0 = root / "round0" / "round_0"
-    if (r0 / "metrics.json").exists():
-        print("[ablate] round 0: cached", flush=True)
-    else:
-        print("[ablate] round 0: building", flush=True)
-        evolve.main([*passed, "--rounds=0", "--seed=0", f"--out_dir={r0.parent}"])
+    if not report:
+        print(f"[ablate] round 0: {'cached' if (r0 / 'metrics.json').exists() else 'building'}", flush=True)
+        if not (r0 / "metrics.json").exists():
+            evolve.main([*passed, "--rounds=0", "--seed=0", f"--out_dir={r0.parent}"])
+    if not (r0 / "metrics.json").exists():
+        sys.exit(f"no round 0 in {r0.parent}: run without --report first")
+    built, here = json.loads((r0 / "metrics.json").read_text()).get("machine", {}), machine(cfg.device or None)
+    if not report and built.get("class") != here["class"]:
+        sys.exit(f"this study's round 0 was built on {built.get('device')} ({built.get('class')}); this machine is "
+                 f"{here['device']} ({here['class']}), which rounds differently: resume it on its class, or start "
+                 "another study (--out_dir)")
     return r0
 
 
@@ -89,24 +87,22 @@ def link(src, dst):
     """Round 0 is never written again: a hard link, not 1.6 GB of weights and optimizer state per run."""
     try:
         os.link(src, dst)
-    except OSError:                      # another filesystem: copy
-        shutil.copy2(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)           # another filesystem: copy
 
 
 def train(root: Path, r0: Path, name: str, seed: int, passed: list[str], extra: list[str], rounds: int) -> Path:
     """One (variant, seed): copy round 0 in, then evolve.py resumes from it (or from its last finished round)."""
     out = run_dir(root, name, seed)
     if (out / f"round_{rounds}" / "metrics.json").exists():
-        print(f"[ablate] {name} seed {seed}: cached", flush=True)
-        return out
+        return print(f"[ablate] {name} seed {seed}: cached", flush=True) or out
     if not (out / "round_0").exists():  # copied under a temp name, then renamed: a cut copy is never a round 0
         shutil.rmtree(out / ".round_0.tmp", ignore_errors=True)
         shutil.copytree(r0, out / ".round_0.tmp", ignore=shutil.ignore_patterns("eval_*.json"), copy_function=link)
         (out / ".round_0.tmp").rename(out / "round_0")
     args = [*passed, *extra, f"--seed={seed}", f"--out_dir={out}"]
     print(f"[ablate] {name} seed {seed}: started, evolve.py {' '.join(args)}", flush=True)
-    t0 = time.time()
-    evolve.main(args)
+    t0 = time.time(); evolve.main(args)  # noqa: E702
     print(f"[ablate] {name} seed {seed}: finished in {time.time() - t0:.0f} s", flush=True)
     return out
 
@@ -128,18 +124,13 @@ def eval_once(ckpt: Path, cfg: evolve.Config, questions: list[dict], mode: str, 
 
 def kind_em(ev: dict, test: list[dict]) -> dict[str, float]:
     """Test EM per question kind, from the cached per-question EM: which kinds a variant's gain comes from."""
-    groups = {}
-    for q in test:
-        if q.get("kind") is not None:
-            groups.setdefault(q["kind"], []).append(ev["em"][q["id"]])
-    return {k: float(np.mean(v)) for k, v in sorted(groups.items())}
+    kinds = sorted({q["kind"] for q in test if q.get("kind") is not None})
+    return {k: float(np.mean([ev["em"][q["id"]] for q in test if q.get("kind") == k])) for k in kinds}
 
 
 def budget(ckpt: Path) -> dict:
-    """What a run spent over rounds 1..R (its round_r/metrics.json): optimizer steps summed; kl_before (each
-    distillation batch's KL just before its own update, averaged over the phase) averaged over rounds, None
-    without a teacher; its budget (questions, rollouts, steps, lr), machine class and precision, "mixed" where
-    its rounds disagree."""
+    """What a run spent over rounds 1..R: optimizer steps summed, kl_before averaged (None without a teacher); its
+    budget, machine and precision ("mixed" where its rounds disagree)."""
     R = int(ckpt.name.removeprefix("round_"))
     ms = [json.loads((ckpt.parent / f"round_{r}" / "metrics.json").read_text()) for r in range(R + 1)]
     kl = [m["kl_before"] for m in ms[1:] if m.get("kl_before") is not None]
@@ -154,8 +145,7 @@ def row(name: str, seed, ckpt: Path, ev: dict, test: list[dict]) -> dict:
     s, m = ev["summary"], json.loads((ckpt / "metrics.json").read_text())
     hop = {k: h for k, h in ev["by_hop"].items() if h["n"]}  # no 2-hop questions: None, not an EM of 0
     return {"variant": name, "seed": seed, "round": m["round"], **budget(ckpt), "dev_em": m["dev_em"],
-            "test_em": s["em"],
-            "test_f1": s["f1"], "n_test": s["n"], "hop1_em": hop.get("hop1", {}).get("em"),
+            "test_em": s["em"], "test_f1": s["f1"], "n_test": s["n"], "hop1_em": hop.get("hop1", {}).get("em"),
             "hop2_em": hop.get("hop2", {}).get("em"), "hop2_searches_per_q": hop.get("hop2", {}).get("searches_per_q"),
             "searches_per_q": s["searches_per_q"], "gen_tokens_per_q": s["gen_tokens_per_q"],
             "invalid_actions": s["invalid_actions"], "kind_em": kind_em(ev, test), "checkpoint": str(ckpt)}
@@ -171,10 +161,8 @@ def paired_bootstrap(gains, n_boot: int = 2000, seed: int = 0) -> tuple[float, f
 
 
 def mean_std(vals, fmt: str = ".3f") -> str:
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "—"
-    return f"{np.mean(vals):{fmt}}" + (f" ± {np.std(vals, ddof=1):{fmt}}" if len(vals) > 1 else "")  # std over seeds
+    vals = [v for v in vals if v is not None]  # ± the std over seeds
+    return (f"{np.mean(vals):{fmt}}" + (f" ± {np.std(vals, ddof=1):{fmt}}" if len(vals) > 1 else "")) if vals else "—"
 
 
 def pooled(evals: dict, name: str, seeds, qids) -> np.ndarray:
@@ -182,11 +170,16 @@ def pooled(evals: dict, name: str, seeds, qids) -> np.ndarray:
     return np.mean([[evals[(name, k)]["em"][q] for q in qids] for k in seeds], axis=0)
 
 
+def per_seed(rows: list[dict], key: str, fmt: str) -> str:
+    return ", ".join("—" if r.get(key) is None else f"{r[key]:{fmt}}" for r in rows)
+
+
 def table(rows: list[dict], evals: dict, names: list[str], seeds: list[int]) -> str:
     base = evals[("round0", None)]["em"]
     done = {n: [r["seed"] for r in rows if r["variant"] == n] for n in names}
     lines = ["| variant | seeds | test EM | Δ test EM vs round 0 [95% CI] | Δ vs grpo+opsd, same seeds [95% CI] | "
-             "dev EM | 2-hop EM | searches/q | gen tokens/q |", "|---|---|---|---|---|---|---|---|---|"]
+             "dev EM | 2-hop EM | searches/q | gen tokens/q | optimizer steps | kl_before | invalid actions |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     missing = [f"{n} seed {','.join(str(k) for k in seeds if k not in done[n])}" for n in names
                if len(done[n]) < len(seeds)]
     fmt = lambda d, lo, hi: f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
@@ -204,11 +197,18 @@ def table(rows: list[dict], evals: dict, names: list[str], seeds: list[int]) -> 
         lines.append(f"| {name} | {len(rs) if name != 'round0' else '—'} | {mean_std([r['test_em'] for r in rs])} | "
                      f"{gain} | {versus} | {mean_std([r['dev_em'] for r in rs])} | "
                      f"{mean_std([r['hop2_em'] for r in rs])} | {mean_std([r['searches_per_q'] for r in rs], '.2f')} | "
-                     f"{mean_std([r['gen_tokens_per_q'] for r in rs], '.1f')} |")
+                     f"{mean_std([r['gen_tokens_per_q'] for r in rs], '.1f')} | "
+                     f"{per_seed(rs, 'optimizer_steps', 'd')} | {per_seed(rs, 'kl_before', '.1e')} | "
+                     f"{per_seed(rs, 'invalid_actions', 'd')} |")
     n = rows[0]["n_test"]
     notes = [f"\nTest EM: the whole test split ({n} questions), greedy, final checkpoint; dev EM: the loop's own "
              f"monitor after its last round; ± is the std over seeds {','.join(map(str, seeds))}; the CIs are paired "
              "bootstraps over test questions (2000 resamples), seeds pooled per question."]
+    where = sorted({f"{(r.get('machine') or {}).get('device')} ({(r.get('machine') or {}).get('class')}), "
+                    f"{r.get('precision')}" for r in rows})  # more than one: the rows' "machine" tells which
+    notes.append("Optimizer steps (summed over rounds 1..R), kl_before (each distillation batch's KL just before its "
+                 "update, averaged over the phase and the rounds; — without a teacher) and invalid actions (test): "
+                 f"per seed. Machine and precision: {'; '.join(where)}.")
     if missing:
         notes.append(f"Not finished yet (left out): {'; '.join(missing)}.")
     return "\n".join(lines + notes)
@@ -228,13 +228,11 @@ def kind_table(rows: list[dict], names: list[str], test: list[dict]) -> str:
 def baselines(r0: Path, finals: list[Path], cfg: evolve.Config, test: list[dict]) -> str:
     """Agent vs direct (no search) vs naive RAG (top-3 for the raw question, one answer), for round 0 and the
     default variant's final checkpoints: does the agent beat retrieving once? Cached in each round folder."""
-    sets, note = {"test": test}, ""
+    sets, note = {"test": test}, f"{EFFICIENTQA} not found: EfficientQA columns skipped."
     if EFFICIENTQA.exists():  # real questions, only where BM25 over this corpus can find the answer at all
         eqa = load_qa(EFFICIENTQA)
         sets["eqa"] = answerable(eqa, get_retriever(cfg.corpus or None, cfg.retriever_url or None))
         note = f"EfficientQA dev: the {len(sets['eqa'])} of {len(eqa)} questions whose answer is in the BM25 top-3."
-    else:
-        note = f"{EFFICIENTQA} not found: EfficientQA columns skipped."
     cols = [(s, m) for s in sets for m in ("agent", "direct", "rag")]
     em = lambda ck, s, m: eval_once(ck, cfg, sets[s], m, "eval_test.json" if (s, m) == ("test", "agent")
                                     else f"eval_{s}_{m}.json")["summary"]["em"]
@@ -246,8 +244,7 @@ def baselines(r0: Path, finals: list[Path], cfg: evolve.Config, test: list[dict]
 
 
 def keep(root: Path, dest: Path, rows: list[dict]) -> None:
-    """The reported runs without their weights: what --report reads (metrics, per-question evals), a few KB per
-    run. Runs not in the table (one still training) stay out."""
+    """The reported runs' small files (metrics, per-question evals), a few KB a run; one still training stays out."""
     runs = {Path(r["checkpoint"]).parent for r in rows}
     found = [p for d in runs for pattern in ("metrics.json*", "eval_*.json") for p in d.rglob(pattern)]
     for src in [*found, root / "ablation.json", root / "ablation.md"]:
@@ -271,14 +268,7 @@ def main(argv=None):
     seeds = [int(s) for s in opts.get("seeds", "0,1,2").split(",") if s]
     flag = lambda k: k in opts and opts[k].lower() not in ("0", "false", "no")
     ensure_all()
-    r0 = build_round0(root, passed) if not flag("report") else root / "round0" / "round_0"
-    if not (r0 / "metrics.json").exists():
-        sys.exit(f"no round 0 in {r0.parent}: run without --report first")
-    built, here = json.loads((r0 / "metrics.json").read_text()).get("machine", {}), machine(cfg.device or None)
-    if not flag("report") and built.get("class") != here["class"]:  # rows of one table: one machine class
-        sys.exit(f"this study's round 0 was built on {built.get('device')} ({built.get('class')}); this machine is "
-                 f"{here['device']} ({here['class']}), which rounds differently: resume it on its class, or start "
-                 "another study (--out_dir)")
+    r0 = build_round0(root, passed, cfg, flag("report"))
     final = f"round_{cfg.rounds}"
     for name in names if not flag("report") else []:
         for seed in seeds:

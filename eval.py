@@ -168,7 +168,8 @@ def main(argv=None):
     p.add_argument("--max_turns", type=int, default=RolloutConfig.max_turns)
     p.add_argument("--batch_size", type=int, default=RolloutConfig.batch_size)
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto: bf16 where this device runs it fast, "
+                   "as evolve.py's rollouts")
     args = p.parse_args(argv)
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

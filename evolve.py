@@ -47,7 +47,7 @@ from metrics import exact_match
 from model import load_policy, machine, pick_device_dtype
 from rollout import RolloutConfig, Trajectory, rollout
 from search import RetrieverError, get_retriever
-from train import TrainingError, count_bad_steps, frozen_copy, load_optimizer, make_optimizer
+from train import TrainingError, count_bad_steps, load_optimizer, make_optimizer
 from warmup import warm_up
 
 def rollout_cfg(cfg: Config, **kw) -> RolloutConfig:
@@ -134,7 +134,7 @@ def main(argv=None):
 
     # metrics.jsonl may lag a round killed after its rename; only rank 0 rewrites it
     done = [m["round"] for m in rebuild_metrics(out)] if rank == 0 else finished_rounds(out)
-    start = fresh = done[-1] if done else None
+    start = done[-1] if done else None
     policy, tok = load_policy(str(out / f"round_{start}") if done else cfg.model, cfg.device or None, "float32")
     policy.train()
     if cfg.checkpointing:         # same gradients (the forward is recomputed exactly); keeps the run under 6 GB
@@ -178,10 +178,7 @@ def main(argv=None):
         if rank == 0: save_round(policy, opts, tok, out, 0, metrics)  # noqa: E701
         print("round 0:", json.dumps(metrics))
         start = 0
-
-    # the frozen reference is round_0 (post-warm-up), fp32 like the policy, also when resuming from a later round
-    ref = None if cfg.kl_coef == 0 or cfg.grpo_steps == 0 else frozen_copy(policy) if fresh is None else \
-        frozen_copy(load_policy(str(out / "round_0"), cfg.device or None, "float32")[0])
+    parallel.all_sum(0)  # a barrier: round 0 is on disk before any process reads it as GRPO's reference
     gcfg = GRPOConfig(lr=cfg.grpo_lr, kl_coef=cfg.kl_coef, temperature=cfg.temperature, autocast_bf16=bf16)
     dcfg = DistillConfig(method=cfg.distill, loss=cfg.distill_loss, kl_clip=cfg.kl_clip, lr=cfg.distill_lr,
                          temperature=cfg.temperature, steps=cfg.distill_steps, sibling_rule=cfg.sibling_rule,
@@ -190,7 +187,10 @@ def main(argv=None):
         t0, m = time.time(), {}
         torch.manual_seed(cfg.seed * 1000 + r)
         grpo_qs, distill_qs = round_questions(train, cursor, r, cfg)
-        # 1) vanilla GRPO
+        # 1) vanilla GRPO, its KL to round 0: fp32 like the policy, in memory for this phase only (as the teacher is
+        # for its own): one frozen copy at a time keeps a 0.5B model's run inside 24 GB
+        ref = load_policy(str(out / "round_0"), cfg.device or None, "float32")[0].eval().requires_grad_(False) \
+            if cfg.kl_coef and grpo_qs else None
         g_rewards, g_kl, zero_groups, steps = [], [], 0, 0
         for s, qs in enumerate(grpo_qs):
             trajs = sample_trajectories(cfg, actor, tok, parallel.shard(qs), retriever, cfg.seed + 100 * r + s,
@@ -205,6 +205,7 @@ def main(argv=None):
                 g_kl.append(stats["kl"])
                 steps += stats["steps"]
                 sync()
+        del ref
         # 2) the policy rolls out on its own training questions, then self-distils from its frozen post-GRPO self
         qs = parallel.shard(distill_qs)
         kept, d_reward, diag = 0, float("nan"), {}
