@@ -10,7 +10,7 @@ Read top to bottom, this is the paper's Algorithm: rounds of vanilla GRPO altern
         self-distillation on them: opsd (paper) or sft on kept traces             (distill.py)
         evaluate on dev (test at round 0 and the last round only), save out_dir/round_r, log metrics.jsonl
 
-One budget per round, whatever the variant (ablate.py): round_questions questions, G rollouts each, grpo_steps +
+One budget per round, whatever the variant (ablate.py): the same questions (round_questions), G rollouts each, grpo_steps +
 distill_steps optimizer steps, one learning rate. GRPO and distillation each have their own AdamW, kept across
 rounds and saved with each round (train.py says why); distillation's has no weight decay: decay would be the one
 force on the weights where the KL gradient is 0 (the no-hint control), and would make that control's KL non-zero.
@@ -30,14 +30,13 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import parallel
-from config import Config, parse_config
 from checkpoint import crash_point, finished_rounds, phase, print_summary, rebuild_metrics, save_round
+from config import Config, parse_config
 from data.load import QUESTIONS_DIR, load_qa, training_order
 from data.prepare import ensure_all
 from distill import DistillConfig, distill
@@ -49,6 +48,7 @@ from rollout import RolloutConfig, Trajectory, rollout
 from search import RetrieverError, get_retriever
 from train import TrainingError, count_bad_steps, load_optimizer, make_optimizer
 from warmup import warm_up
+
 
 def rollout_cfg(cfg: Config, **kw) -> RolloutConfig:
     keys = ("max_turns", "topk", "max_turn_tokens", "max_obs_tokens", "max_total_tokens", "temperature",

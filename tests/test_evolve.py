@@ -84,15 +84,16 @@ def spy_round(monkeypatch):
         log["qids"].setdefault(a[-1], []).extend(q["id"] for q in questions)
         return real_sample(cfg, actor, tok, questions, *a)
 
-    def grpo(policy, *a):
-        out = real_grpo(policy, *a)
+    def grpo(policy, ref, opt, *a):
+        out = real_grpo(policy, ref, opt, *a)
         log["after_grpo"].append(weights(policy))
+        log["grpo_lr"] = opt.param_groups[0]["lr"]       # the lr its last step used
         return out
 
-    def distill(policy, *a):
+    def distill(policy, tok, trajs, cfg, opt):
         log["before"] = weights(policy)
-        log["stats"] = real_distill(policy, *a)
-        log["after"] = weights(policy)
+        log["stats"] = real_distill(policy, tok, trajs, cfg, opt)
+        log["after"], log["distill_lr"] = weights(policy), opt.param_groups[0]["lr"]
         return log["stats"]
 
     def pair_logits(policy, teacher, *a):
@@ -121,6 +122,7 @@ def test_in_the_loop_the_no_hint_phase_changes_no_weight_and_grpo_starts_at_its_
     assert stats["n_pairs"] > 0 and stats["steps"] == 3 and stats["kl_before"] == 0.0
     assert same(log["before"], log["after"]) and same(log["before"], log["after_grpo"][-1])
     assert rows[1]["optimizer_steps"] == 1 + 3 and rows[1]["grpo_kl"] == [0.0]
+    assert log["grpo_lr"] == log["distill_lr"] == 2e-5   # one lr, no ramp: the warm-up's ramp is its own
     grpo_ids, distill_ids = log["qids"]["rollout_grpo"], log["qids"]["rollout_distill"]
     assert len(grpo_ids) == 2 and len(distill_ids) == 2 and not set(grpo_ids) & set(distill_ids)
 

@@ -322,6 +322,8 @@ def test_the_baselines_take_an_untagged_reply_as_the_answer_the_agent_does_not(t
     metrics, records = evaluate(ScriptedLM(tok, replies, "direct"), tok, [QUESTION, q2], ScriptedRetriever(),
                                 "direct", cfg)
     assert [r["answer"] for r in records] == ["Paris", "Leonardo da Vinci"] and metrics["em"] == 1.0
-    _, records = evaluate(ScriptedLM(tok, {QUESTION["question"]: ["Paris"]}), tok, [QUESTION], ScriptedRetriever(),
-                          "agent", RolloutConfig(max_turns=1, max_turn_tokens=20, max_total_tokens=60))
+    _, records = evaluate(ScriptedLM(tok, {QUESTION["question"]: ["<search> </search>", "Paris"]}), tok, [QUESTION],
+                          ScriptedRetriever(), "agent", RolloutConfig(max_turns=1, max_turn_tokens=20,
+                                                                      max_total_tokens=80))
+    assert records[0]["turns"] == 2 and records[0]["response"].endswith("Paris<|im_end|>")  # an untagged last turn
     assert records[0]["answer"] is None and records[0]["em"] == 0.0

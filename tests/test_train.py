@@ -9,15 +9,20 @@ from train import load_optimizer, make_optimizer, save_optimizer, set_lr, train
 
 def run(model, opt, n_rows, **kw):
     """train() on a loss that pulls every weight toward 0 (each row: the sum of squares, one token a row)."""
-    lrs = []
+    lrs, rows_seen, per_step = [], [], []
     real_step = opt.step
 
-    def step(*a, **k):                   # the lr each optimizer step really used
+    def step(*a, **k):                   # the lr each optimizer step really used, and the rows it was given
         lrs.append(opt.param_groups[0]["lr"])
+        per_step.append(len(rows_seen) - sum(per_step))
         return real_step(*a, **k)
     opt.step = step
-    loss = lambda rows: len(rows) * sum((p ** 2).sum() for p in model.parameters())
+
+    def loss(rows):
+        rows_seen.extend(rows)
+        return len(rows) * sum((p ** 2).sum() for p in model.parameters())
     stats = train(model, opt, n_rows, loss, [1] * n_rows, [1] * n_rows, lr=0.1, batch_size=4, micro_batch=2, **kw)
+    stats["rows_per_step"] = per_step
     return stats, lrs
 
 
@@ -25,7 +30,8 @@ def test_a_fixed_number_of_steps_whatever_the_rows_and_none_without_rows():
     model = torch.nn.Linear(3, 2)
     for n_rows in (1, 5, 30):            # fewer rows than steps: they repeat, so every step has some
         stats, lrs = run(model, make_optimizer(model), n_rows, steps=3)
-        assert stats["steps"] == 3 and len(lrs) == 3
+        assert stats["steps"] == 3 and len(lrs) == 3 and min(stats["rows_per_step"]) >= 1
+        assert sum(stats["rows_per_step"]) == max(n_rows, 3)
     stats, _ = run(model, make_optimizer(model), 10)   # by batch size: ceil(10 / 4)
     assert stats["steps"] == 3
     opt = make_optimizer(model)
