@@ -19,6 +19,7 @@ import copy
 import math
 import random
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -78,6 +79,9 @@ def save_optimizer(optimizer, model, path):
 def load_optimizer(optimizer, model, path):
     """save_optimizer's file back into optimizer. Every saved name must be a parameter of model and every
     parameter must be saved (an empty file is a fresh optimizer): a mismatch raises, never a silent fresh Adam."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no optimizer state to resume from (a round saved by an earlier version, "
+                                "with one optimizer.safetensors, cannot resume here: start another out_dir)")
     flat = load_file(str(path), device=str(next(model.parameters()).device))
     saved, names = {k.rsplit(".", 1)[0] for k in flat}, [n for n, _ in model.named_parameters()]
     unknown, missing = sorted(saved - set(names)), [n for n in names if flat and n not in saved]

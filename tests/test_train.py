@@ -73,3 +73,5 @@ def test_optimizer_state_loads_only_into_the_model_it_was_saved_from(tmp_path):
     fresh = make_optimizer(qwen)
     load_optimizer(fresh, qwen, tmp_path / "fresh.safetensors")      # a fresh optimizer's empty file: fresh again
     assert not fresh.state
+    with pytest.raises(FileNotFoundError, match="no optimizer state to resume from"):
+        load_optimizer(fresh, qwen, tmp_path / "optimizer.safetensors")  # an earlier version's single file
