@@ -25,7 +25,7 @@ class Config:
     questions: str = ""           # folder of train/dev/test.jsonl (data/load.py:load_qa); "" = the generated set
     retriever_url: str = ""       # Search-R1 /retrieve endpoint instead of local BM25
     device: str = ""              # "" = cuda if present, else cpu
-    rollout_dtype: str = "auto"   # the actor's dtype, and bf16 autocast in training if bfloat16; auto: measured
+    rollout_dtype: str = "auto"   # the actor's dtype (bf16 also means bf16 autocast in training); auto: model.bf16_is_faster
     on_search_error: str = "observe"  # observe: the turn reads "Search failed: ..." | stop: the run stops
     max_bad_steps: int = 3        # stop after this many optimizer steps in a row skipped for a non-finite loss
     checkpointing: bool = True    # recompute activations in backward: training's peak -1.2 GB, +35% its time
@@ -34,6 +34,7 @@ class Config:
     warmup: str = "auto"          # auto (when the probe's reward is 0) | on | off
     warmup_questions: int = 96
     warmup_lr: float = 2e-4
+    warmup_epochs: int = 1        # passes over the scripted traces (16 a step)
     # rounds
     rounds: int = 3
     grpo_steps: int = 1           # GRPO optimizer steps per round, each on its own rollouts (0 = distillation only)

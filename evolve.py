@@ -166,7 +166,8 @@ def main(argv=None):
                 stats = warm_up(policy, tok, make_optimizer(policy), parallel.shard(train[:cfg.warmup_questions]),
                                 retriever, rollout_cfg(cfg), DistillConfig(
                                     method="sft", lr=cfg.warmup_lr, per_question_cap=1, temperature=cfg.temperature,
-                                    warmup_steps=cfg.lr_warmup_steps, autocast_bf16=bf16, seed=cfg.seed))
+                                    epochs=cfg.warmup_epochs, warmup_steps=cfg.lr_warmup_steps, autocast_bf16=bf16,
+                                    seed=cfg.seed))
                 n_warm = int(parallel.all_sum(stats["n_kept"]))
                 bad = count_bad_steps(bad, stats, cfg.max_bad_steps, "warm-up")
                 print(f"warm-up: cloned {n_warm} scripted traces, loss {stats['loss']:.3f}")

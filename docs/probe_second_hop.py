@@ -10,7 +10,8 @@ tokenization as rollout.py writes them:
           "<think> Now I need to search for" is written for it: does its query name the bridge (the question's
           second source, e.g. the novel's author), does BM25's top-3 for it hold the gold answer, and its answer
   oracle  the same, with the warm-up's whole second turn written for it (the bridge's own article as query):
-          what reading alone gives when the right documents are there
+          what reading alone gives when the right documents are there; for a question it answers without
+          searching, after the warm-up's first turn written for it too
 No weights change.
 """
 import argparse
@@ -27,7 +28,7 @@ from data.questions import TWO_HOP_KINDS, contains  # noqa: E402
 from metrics import exact_match  # noqa: E402
 from model import load_policy  # noqa: E402
 from rollout import RolloutConfig, build_prompt, last_tag  # noqa: E402
-from search import get_retriever, safe_search  # noqa: E402
+from search import get_retriever, information, safe_search  # noqa: E402
 
 
 @torch.no_grad()
@@ -41,7 +42,7 @@ def turn(model, tok, ids: list[int], max_new: int) -> list[int]:
 def probe(model, tok, q: dict, retriever, rcfg: RolloutConfig) -> dict:
     enc = lambda s: tok(s, add_special_tokens=False).input_ids
     docs = functools.lru_cache(lambda query: safe_search(retriever, [query], rcfg.topk)[0])  # each query searched once
-    obs = lambda query: enc(f"\n\n<information>{docs(query).strip()}</information>\n\n")[:rcfg.max_obs_tokens]
+    obs = lambda query: information(enc, docs(query), rcfg.max_obs_tokens)  # as rollout.py: a cut keeps its tag
     has_gold = lambda query: any(contains(docs(query), g) for g in gold)
     gold, bridge = q["golden_answers"], q["sources"][1]
     em = lambda text: float(exact_match(last_tag(text, "answer") or "", gold))
@@ -49,8 +50,11 @@ def probe(model, tok, q: dict, retriever, rcfg: RolloutConfig) -> dict:
     first = turn(model, tok, ids, rcfg.max_turn_tokens)
     q1 = last_tag(tok.decode(first), "search")
     r = {"id": q["id"], "kind": q["kind"], "q1": q1}
-    if q1 is None:                                     # answered (or failed) without searching: nothing to probe
-        return r | {"own_em": em(tok.decode(first)), "own_second_search": False}
+    if q1 is None:  # answered (or failed) without searching: its own hops cannot be probed, its reading can, with
+        r |= {"own_em": em(tok.decode(first)), "own_second_search": False}  # the warm-up's first turn scripted
+        q1 = (q.get("ideal_queries") or q["sources"])[0]
+        ids = ids + enc(f"<think> I need to search for {q1}. </think>\n<search> {q1} </search>") + obs(q1)
+        return r | oracle(model, tok, ids, bridge, obs, has_gold, em, rcfg)
     ids = ids + first + obs(q1)
     own = tok.decode(turn(model, tok, ids, rcfg.max_turn_tokens))
     opening = enc("<think> Now I need to search for")
@@ -64,11 +68,15 @@ def probe(model, tok, q: dict, retriever, rcfg: RolloutConfig) -> dict:
     if q2:
         after = ids + forced_ids + obs(q2)
         r["forced_em"] = em(tok.decode(turn(model, tok, after, rcfg.max_turn_tokens)))
-    script = enc(f"<think> Now I need to search for {bridge}. </think>\n<search> {bridge} </search>") + obs(bridge)
-    r["oracle_top3_has_gold"] = has_gold(bridge)
+    return r | oracle(model, tok, ids, bridge, obs, has_gold, em, rcfg)
+
+
+def oracle(model, tok, ids, bridge, obs, has_gold, em, rcfg) -> dict:
+    """The warm-up's second turn written for the model (the bridge's article as its query), then its answer."""
+    script = tok(f"<think> Now I need to search for {bridge}. </think>\n<search> {bridge} </search>",
+                 add_special_tokens=False).input_ids + obs(bridge)
     read = tok.decode(turn(model, tok, ids + script, rcfg.max_turn_tokens))
-    r |= {"oracle_em": em(read), "oracle_answer": last_tag(read, "answer")}
-    return r
+    return {"oracle_top3_has_gold": has_gold(bridge), "oracle_em": em(read), "oracle_answer": last_tag(read, "answer")}
 
 
 def main(argv=None):
