@@ -21,7 +21,7 @@ The paper's code is not public, so the unknowns are options; each default is thi
   "all" = every other trajectory, ties included; "most_different" = one student among the less efficient, the
   one least like the sibling (Jaccard of generated token ids), a wrong one first (a secondary summary's reading).
 - teacher_shows: "queries" (the sibling's queries and answer), "full" (its decoded response, documents
-  included), "none" (no hint: the control for "is it the privileged information?"; the KL is 0 at the start).
+  included), "none" (no hint: the control for "is it the privileged information?"; its KL and gradient are exactly 0).
 - loss: "kl" (the paper's) | "top1_ce" (cross-entropy on the hinted teacher's argmax token: not 0 when the
   teacher sees no hint, so it also sharpens the policy onto its own greedy token). kl_clip: a per-entry clip of
   the KL's terms (reported by the summary; 0 = off).

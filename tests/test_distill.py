@@ -92,6 +92,18 @@ def test_forward_kl_hand_example():
     torch.testing.assert_close(top1_cross_entropy(torch.tensor([[0.0, 1.0]]), s), torch.tensor([-math.log(0.75)]))
 
 
+def test_the_kl_gradient_is_the_exact_one_and_zero_at_equal_logits():
+    """forward_kl's gradient in the student's logits is p_S - p_T (autograd's, up to float error), exactly 0 when
+    the logits are equal (autograd's own is float error there, which Adam scales up to a full step)."""
+    t, s = torch.randn(3, 11, generator=torch.Generator().manual_seed(0)), torch.randn(3, 11)
+    s.requires_grad_(True)
+    forward_kl(t, s).sum().backward()
+    torch.testing.assert_close(s.grad, s.detach().softmax(-1) - t.softmax(-1))
+    same = t.clone().requires_grad_(True)
+    forward_kl(t, same).sum().backward()
+    assert (same.grad == 0).all()
+
+
 def no_hint_and_hinted(tok):
     return (opsd_pairs(tok, group(tok), DistillConfig(teacher_shows=s)) for s in ("none", "queries"))
 
