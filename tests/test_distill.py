@@ -70,18 +70,6 @@ def test_privileged_hint_sits_inside_the_user_turn(tok):
     assert teacher_prompt_ids(tok, Q, privileged_hint(tok, sib, "none")) == plain
 
 
-@pytest.fixture(scope="module")
-def peaked(tiny):
-    """The tiny random model with sharper output and stronger attention, so that context (the privileged
-    hint) changes its next-token distribution measurably; the plain one is nearly uniform everywhere."""
-    model = copy.deepcopy(tiny)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(10)
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.mul_(5)
-    return model
-
-
 def test_forward_kl_hand_example():
     """p_T = (1/2, 1/2), p_S = (1/4, 3/4): KL = 1/2 log 2 + 1/2 log(2/3); clipped terms; equal logits give 0."""
     t, s = torch.log(torch.tensor([[0.5, 0.5]])), torch.log(torch.tensor([[0.25, 0.75]]))

@@ -5,18 +5,10 @@ import pytest
 import torch
 
 import evolve
-import model as M
 
 TINY_RUN = ["--rounds=1", "--warmup_questions=6", "--grpo_steps=1", "--grpo_questions=2", "--group_size=2",
             "--distill_questions=2", "--eval_questions=3", "--max_turn_tokens=12", "--max_total_tokens=120",
             "--max_obs_tokens=40", "--kl_coef=0.001", "--show=0"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tok):
-    path = tmp_path_factory.mktemp("tiny")
-    M.save_policy(M.tiny_model("llama", vocab_size=len(tok)), tok, path)
-    return path
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -8,7 +8,7 @@ import torch
 
 from distill import SPANS, DistillConfig, opsd_loss, opsd_pairs
 from explain import analyse, report, shade, to_html, to_text
-from test_distill import group, make_traj, peaked  # noqa: F401 - peaked is a fixture
+from test_distill import group, make_traj
 
 SUMMARY = re.compile(r"pairs (\d+), mean KL ([-\d.e+]+), argmax differs on ([\d.]+)% of tokens")
 

@@ -16,7 +16,7 @@ import parallel
 from distill import DistillConfig, distill
 from grpo import GRPOConfig, grpo_step
 from test_distill import group
-from test_evolve import TINY_RUN, tiny_dir  # noqa: F401 - tiny_dir is a fixture
+from test_evolve import TINY_RUN
 from test_grpo import make_traj
 
 
