@@ -73,7 +73,7 @@ CHOICES = {"distill": ("opsd", "sft", "none"), "warmup": ("auto", "on", "off"), 
 # what each 0.5b value rests on (dev measurements, or not yet: then it says so); the 3b set is the paper's lr.
 SETS = {
     "135m": {},
-    "0.5b": {"warmup": "on", "warmup_lr": 2e-5, "grpo_lr": 1e-5, "distill_lr": 1e-5},
+    "0.5b": {"warmup": "on", "warmup_lr": 2e-5, "grpo_lr": 2e-6, "distill_lr": 2e-6},
     "3b": {"grpo_lr": 1e-6, "distill_lr": 1e-6},
 }
 KNOWN = {EMBEDDED: "135m", "smollm2-135m-instruct": "135m", QWEN: "0.5b"}
